@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pyro.distributions.torch_distribution import TorchDistribution
@@ -183,7 +183,7 @@ class ScoreSDEPrior(TorchDistribution):
         """The solver options, as keyword arguments of the constructor."""
         return {name: getattr(self, name) for name in self._OPTIONS}
 
-    def with_options(self, **options) -> "ScoreSDEPrior":
+    def with_options(self, **options) -> ScoreSDEPrior:
         """A copy with some solver options replaced (e.g. ``prior.with_options(sampler="ode")``)."""
         kwargs = {**self.options, **options}
         new = type(self)(

@@ -19,7 +19,7 @@ the fields reshape to ``(N, *event_shape)`` before calling the score model.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchdiffeq

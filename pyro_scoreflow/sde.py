@@ -18,7 +18,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from pyro.distributions import Normal
