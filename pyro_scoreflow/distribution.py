@@ -308,7 +308,9 @@ class ScoreSDEPrior(TorchDistribution):
             else:
                 func = self._divergence_ode(field, n, x_T.dtype, x_T.device)
                 y0 = torch.cat([x_T, x_T.new_zeros(n, 1)], dim=-1)
-                y1 = solve_ode(func, y0, self.sde.T, self.sde.eps, max_num_steps=self.max_num_steps, **self._ode_kwargs())
+                y1 = solve_ode(
+                    func, y0, self.sde.T, self.sde.eps, max_num_steps=self.max_num_steps, **self._ode_kwargs()
+                )
                 x, lp = y1[:, :-1], lp_T - y1[:, -1]
         self.last_nfe = field.nfe
         x, lp = x.reshape(shape), lp.reshape(batch)

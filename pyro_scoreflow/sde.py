@@ -133,9 +133,7 @@ class _BetaSchedule(ForwardSDE):
         self.beta_min = _check_positive("beta_min", beta_min)
         self.beta_max = _check_positive("beta_max", beta_max)
         if self.beta_max < self.beta_min:
-            raise ValueError(
-                f"beta_max must be >= beta_min, got beta_max={self.beta_max} and beta_min={self.beta_min}"
-            )
+            raise ValueError(f"beta_max must be >= beta_min, got beta_max={self.beta_max} and beta_min={self.beta_min}")
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta_min + t * (self.beta_max - self.beta_min)
