@@ -1,0 +1,470 @@
+r"""Training score models by denoising score matching (:func:`fit`).
+
+For data :math:`x_0`, :math:`t \in [\epsilon, T]`, :math:`z \sim \mathcal N(0, I)`
+and :math:`x_t = \alpha(t) x_0 + \sigma(t) z` (the SDE's marginal), the
+denoising score-matching objective of Song et al. (2021) is
+
+.. math::
+
+    J(\theta) = E_{t \sim U[\epsilon, T]}\, E_{x_0, z}\,
+        \lambda(t)\,\big\| s_\theta(x_t, t) + z/\sigma(t) \big\|^2 / D,
+
+with :math:`D` the event size (the loss is reported per dimension). Two weightings:
+
+* ``weighting="score"``: :math:`\lambda = \sigma^2`, i.e.
+  :math:`\|\sigma s_\theta + z\|^2`, the DDPM noise-prediction loss
+  (:math:`\|z - \epsilon_\theta\|^2` for a :class:`~pyro_scoreflow.networks.ScoreNet`).
+  Best sample quality.
+* ``weighting="likelihood"``: :math:`\lambda = g^2` (Song, Durkan, Murray &
+  Ermon 2021), for which :math:`J` bounds the KL divergence from the data to
+  the model, so it trains for log-likelihood. The integrand
+  :math:`g^2\|s + z/\sigma\|^2 = (g^2/\sigma^2)\,\|\sigma s + z\|^2` is
+  dominated by small :math:`t`, where :math:`g^2/\sigma^2 \sim 1/t`, so
+  :math:`t` is importance sampled from :math:`q(t) \propto g(t)^2/\sigma(t)^2`
+  and reweighted by :math:`\lambda / (\sigma^2 q (T - \epsilon)) = Z/(T - \epsilon)`,
+  a constant, so that the estimate of :math:`J` stays unbiased. For every
+  linear SDE (:math:`\alpha' = f\alpha`, :math:`(\sigma^2)' = 2f\sigma^2 + g^2`),
+  :math:`g^2/\sigma^2 = -\tfrac{d}{dt}\lambda_{SNR}(t)` with the log-SNR
+  :math:`\lambda_{SNR} = \log(\alpha^2/\sigma^2)`: :math:`q` is uniform in
+  the log-SNR, :math:`Z = \lambda_{SNR}(\epsilon) - \lambda_{SNR}(T)`, and
+  :math:`t = \lambda_{SNR}^{-1}(\lambda_{SNR}(\epsilon) - uZ)`,
+  :math:`u \sim U[0, 1)`, is found by bisection on the SDE's own ``marginal``
+  (exact inverse CDF, to float64 round-off).
+
+Optimisation: Adam, gradient-norm clipping, and an exponential moving average
+(EMA) of the weights, whose decay ramps up as
+:math:`\min(d, (1 + k)/(10 + k))` after :math:`k` updates so that short runs
+are not dominated by the initial weights. :func:`fit` returns the model with
+the EMA weights loaded; the raw weights stay in ``model.fit_history``.
+
+The loop is built from small pieces (:func:`dsm_loss`, :func:`train_step`,
+:class:`EMA`, the batch iterator) so that a distributed version can wrap the
+model in ``DistributedDataParallel``, shard the data with a
+``DistributedSampler`` and keep the EMA and progress bar on rank 0.
+
+References:
+
+[1] Y. Song, J. Sohl-Dickstein, D. P. Kingma, A. Kumar, S. Ermon, B. Poole,
+    "Score-Based Generative Modeling through Stochastic Differential
+    Equations", ICLR 2021.
+[2] Y. Song, C. Durkan, I. Murray, S. Ermon, "Maximum Likelihood Training of
+    Score-Based Diffusion Models", NeurIPS 2021.
+[3] D. P. Kingma, T. Salimans, B. Poole, J. Ho, "Variational Diffusion Models", NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import numbers
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .dynamics import model_dtype_device
+from .sde import ForwardSDE
+
+__all__ = ["fit", "dsm_loss", "train_step", "EMA", "FitHistory", "TimeSampler", "WEIGHTINGS"]
+
+WEIGHTINGS = ("score", "likelihood")
+_BISECTION_STEPS = 64
+
+
+# -- the objective ------------------------------------------------------------------------
+class TimeSampler:
+    r"""Draws diffusion times and their importance weights for a weighting.
+
+    ``sampler(u)`` maps :math:`u \in [0, 1)` to :math:`(t, w)` such that
+    :math:`E_u[w\,h(t)] = E_{t \sim U[\epsilon, T]}[\lambda(t)/\sigma(t)^2\, h(t)]`
+    for any :math:`h`: :math:`t = \epsilon + u(T - \epsilon)`, :math:`w = 1` for
+    ``"score"``; the inverse CDF of :math:`q \propto g^2/\sigma^2` and
+    :math:`w = Z/(T - \epsilon)` for ``"likelihood"`` (see the module docstring).
+    """
+
+    def __init__(self, sde: ForwardSDE, weighting: str = "score"):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+        self.sde = sde
+        self.weighting = weighting
+        if weighting == "likelihood":
+            ends = self.log_snr(torch.tensor([sde.eps, sde.T], dtype=torch.float64))
+            self._lambda_eps, self._lambda_T = float(ends[0]), float(ends[1])
+            self.weight = (self._lambda_eps - self._lambda_T) / (sde.T - sde.eps)
+        else:
+            self.weight = 1.0
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        r""":math:`\lambda_{SNR}(t) = \log(\alpha(t)^2/\sigma(t)^2)`, decreasing in :math:`t`."""
+        alpha, std = self.sde.marginal(t)
+        return 2 * (torch.log(alpha) - torch.log(std))
+
+    def density(self, t: torch.Tensor) -> torch.Tensor:
+        r"""The density of the sampled times on :math:`[\epsilon, T]`: :math:`q(t)`."""
+        if self.weighting == "score":
+            return torch.full_like(t, 1 / (self.sde.T - self.sde.eps))
+        g2_over_var = self.sde.diffusion(t) ** 2 / self.sde.marginal(t)[1] ** 2
+        return g2_over_var / (self._lambda_eps - self._lambda_T)
+
+    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Times ``t`` (shaped and typed like ``u``) and their common weight."""
+        sde = self.sde
+        if self.weighting == "score":
+            return sde.eps + u * (sde.T - sde.eps), self.weight
+        target = self._lambda_eps - u.double() * (self._lambda_eps - self._lambda_T)
+        lo = torch.full_like(target, sde.eps)
+        hi = torch.full_like(target, sde.T)
+        for _ in range(_BISECTION_STEPS):  # log_snr decreases: move lo up while log_snr(mid) > target
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid) > target
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return (0.5 * (lo + hi)).to(u.dtype), self.weight
+
+
+def dsm_loss(
+    score_model: nn.Module, sde: ForwardSDE, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor, context=None
+) -> torch.Tensor:
+    r"""Per-point :math:`\|\sigma(t)\, s_\theta(x_t, t) + z\|^2 / D` with :math:`x_t = \alpha(t) x_0 + \sigma(t) z`.
+
+    :param x0: data ``(N, *event_shape)``.
+    :param t: times ``(N,)``.
+    :param z: standard normal noise shaped like ``x0``.
+    :param context: optional context ``(N, ...)``, passed as ``score_model(x_t, t, context)``.
+    :returns: ``(N,)``.
+    """
+    alpha, std = sde.marginal(t)
+    alpha, std = _per_point(alpha, x0), _per_point(std, x0)
+    x_t = alpha * x0 + std * z
+    score = score_model(x_t, t) if context is None else score_model(x_t, t, context)
+    return (std * score + z).pow(2).flatten(1).mean(1)
+
+
+def _weighted_loss(sde, sampler: TimeSampler, model, x0, context, u: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted DSM loss of a batch, times from ``u`` (uniform draws when ``None``) and fresh noise."""
+    if u is None:
+        u = torch.rand(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    t, weight = sampler(u)
+    return weight * dsm_loss(model, sde, x0, t, torch.randn_like(x0), context).mean()
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch: tuple, grad_clip: float | None
+) -> torch.Tensor:
+    """One optimisation step: zero grads, ``loss_fn(model, *batch).backward()``, clip, step; the detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model, *batch)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+class EMA:
+    r"""Exponential moving average of a module's parameters,
+    :math:`\bar\theta \leftarrow d_k \bar\theta + (1 - d_k)\theta` with
+    :math:`d_k = \min(d, (1 + k)/(10 + k))` at update :math:`k`.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.params = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        k = self.num_updates
+        decay = min(self.decay, (1 + k) / (10 + k))
+        for avg, p in zip(self.params, module.parameters(), strict=True):
+            avg.lerp_(p.detach(), 1 - decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        for avg, p in zip(self.params, module.parameters(), strict=True):
+            p.copy_(avg)
+
+
+@dataclass
+class FitHistory:
+    """What :func:`fit` records, stored as ``model.fit_history``.
+
+    :ivar loss: the training loss at every step (per dimension, raw weights, noisy).
+    :ivar raw_state_dict: the raw (non-EMA) weights at the end of training.
+    :ivar validation_loss: the DSM loss of the returned (EMA) model on ``validation_data``.
+    :ivar steps_per_second: training throughput.
+    """
+
+    weighting: str
+    loss: list[float] = field(default_factory=list)
+    raw_state_dict: dict | None = None
+    validation_loss: float | None = None
+    steps_per_second: float = math.nan
+
+
+# -- fit ----------------------------------------------------------------------------------
+def fit(
+    score_model: nn.Module,
+    sde: ForwardSDE,
+    data: torch.Tensor | DataLoader,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weighting: str = "score",
+    ema_decay: float | None = 0.999,
+    grad_clip: float | None = 1.0,
+    seed: int | None = None,
+    context: torch.Tensor | None = None,
+    validation_data: torch.Tensor | None = None,
+    validation_context: torch.Tensor | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    r"""Train ``score_model`` by denoising score matching (module docstring) and return it with EMA weights.
+
+    :param nn.Module score_model: ``score_model(x, t[, context])``, trained in place.
+    :param ForwardSDE sde: the forward SDE.
+    :param data: a tensor ``(N, *event_shape)`` (batches drawn by reshuffling
+        each epoch), or a ``DataLoader`` yielding tensors or ``(x, context)``
+        pairs (cycled for ``steps`` batches; its own ``batch_size`` rules and
+        ``batch_size`` is ignored).
+    :param int steps: optimisation steps.
+    :param int batch_size: points per step for tensor data.
+    :param float lr: Adam learning rate.
+    :param str weighting: ``"score"`` (:math:`\lambda = \sigma^2`) or
+        ``"likelihood"`` (:math:`\lambda = g^2`, importance-sampled).
+    :param float ema_decay: EMA decay in :math:`[0, 1)`; ``None`` or 0 returns the raw weights.
+    :param float grad_clip: maximum gradient norm; ``None`` disables clipping.
+    :param int seed: makes training reproducible (same initial weights and seed
+        give identical weights) without touching torch's global RNG; ``None``
+        draws from the global RNG.
+    :param context: conditioning ``(N, ...)`` aligned with tensor ``data``.
+    :param validation_data: held-out tensor; its DSM loss (stratified times,
+        one draw per point) under the returned weights goes into
+        ``model.fit_history.validation_loss``.
+    :param validation_context: context aligned with ``validation_data``.
+    :param bool progress: show a tqdm bar with the running loss.
+    :param device: move the model there first (default: where its parameters are).
+    :returns: ``score_model``, EMA weights loaded, with ``score_model.fit_history`` a :class:`FitHistory`.
+    :raises ValueError: for bad arguments, or data of the wrong shape or with NaN/inf, before training.
+    """
+    _check_model(score_model)
+    if not isinstance(sde, ForwardSDE):
+        raise TypeError(f"sde must be a VPSDE, SubVPSDE or VESDE (a ForwardSDE), got {type(sde).__name__}")
+    steps = _check_positive_int("steps", steps)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    lr = _check_positive_real("lr", lr)
+    sampler = TimeSampler(sde, weighting)
+    ema_decay = _check_ema_decay(ema_decay)
+    grad_clip = None if grad_clip is None else _check_positive_real("grad_clip", grad_clip)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    event_shape = getattr(score_model, "event_shape", None)
+    if isinstance(data, DataLoader):
+        if context is not None:
+            raise ValueError("context must be None when data is a DataLoader: yield (x, context) batches instead")
+    else:
+        data = _check_tensor("data", data, event_shape)
+        event_shape = data.shape[1:]
+        context = _check_context("context", context, data.shape[0])
+    if validation_data is not None:
+        validation_data = _check_tensor("validation_data", validation_data, event_shape)
+        validation_context = _check_context("validation_context", validation_context, validation_data.shape[0])
+
+    if device is not None:
+        score_model.to(device)
+    dtype, device = model_dtype_device(score_model)
+    history = FitHistory(weighting=weighting)
+    was_training = score_model.training
+    with _seeded(seed, device):
+        batches = _batch_iterator(data, context, batch_size, event_shape, dtype, device)
+        first = next(batches)  # checks a DataLoader's first batch before training
+        score_model.train()
+        _train(score_model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history)
+        score_model.eval()
+        if validation_data is not None:
+            history.validation_loss = validation_loss(
+                score_model, sde, validation_data.to(device, dtype), weighting=weighting,
+                context=_to_device(validation_context, device, dtype), batch_size=batch_size,
+            )  # fmt: skip
+    score_model.train(was_training)
+    score_model.fit_history = history
+    return score_model
+
+
+def _train(model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history) -> None:
+    """The optimisation loop: Adam steps on the batches, EMA updates, progress; loads the EMA weights at the end."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ema = EMA(model, ema_decay) if ema_decay else None
+    losses = []
+    bar = tqdm(total=steps, desc="fit", disable=not progress, dynamic_ncols=True)
+    refresh = max(1, steps // 100)
+    start = time.perf_counter()
+    loss_fn = functools.partial(_weighted_loss, sde, sampler)
+    batch = first
+    for step in range(steps):
+        loss = train_step(model, optimizer, loss_fn, batch, grad_clip)
+        losses.append(loss)
+        if ema is not None:
+            ema.update(model)
+        if (step + 1) % refresh == 0 or step + 1 == steps:
+            bar.set_postfix(loss=f"{torch.stack(losses[-refresh:]).mean().item():.4g}", refresh=False)
+            bar.update(step + 1 - bar.n)
+        if step + 1 < steps:
+            batch = next(batches)
+    bar.close()
+    history.steps_per_second = steps / (time.perf_counter() - start)
+    history.loss = torch.stack(losses).tolist()
+    history.raw_state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if ema is not None:
+        ema.copy_to(model)
+
+
+@torch.no_grad()
+def validation_loss(
+    score_model: nn.Module,
+    sde: ForwardSDE,
+    data: torch.Tensor,
+    *,
+    weighting: str = "score",
+    context: torch.Tensor | None = None,
+    batch_size: int = 1024,
+) -> float:
+    r"""The weighted DSM loss :math:`J` on ``data``: one :math:`(t, z)` per point, with stratified
+    :math:`u_i = (\pi_i + v_i)/N` (:math:`\pi` a random permutation, :math:`v_i \sim U[0, 1)`), which
+    lowers the variance over :math:`t` without biasing the estimate.
+    """
+    sampler = TimeSampler(sde, weighting)
+    n = data.shape[0]
+    u = (torch.randperm(n, device=data.device).to(data.dtype) + torch.rand(n, dtype=data.dtype, device=data.device)) / n
+    total = 0.0
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        ctx = None if context is None else context[sl]
+        total += float(_weighted_loss(sde, sampler, score_model, data[sl], ctx, u[sl])) * data[sl].shape[0]
+    return total / n
+
+
+# -- data ---------------------------------------------------------------------------------
+def _batch_iterator(data, context, batch_size, event_shape, dtype, device) -> Iterator[tuple]:
+    """Endless ``(x0, context)`` batches on ``device``: epochs of random permutations, or a cycled DataLoader."""
+    if isinstance(data, DataLoader):
+        yield from _loader_batches(data, event_shape, dtype, device)
+        return
+    n = data.shape[0]
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        while order.numel() < batch_size:
+            order = torch.cat([order, torch.randperm(n)])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield data[idx].to(device, dtype), _to_device(None if context is None else context[idx], device, dtype)
+
+
+def _loader_batches(loader: DataLoader, event_shape, dtype, device) -> Iterator[tuple]:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            x, ctx = _unpack(batch)
+            x = _check_tensor("a data batch", x, event_shape)
+            event_shape = x.shape[1:]  # every batch must match the first
+            yield x.to(device, dtype), _to_device(_check_context("a batch's context", ctx, x.shape[0]), device, dtype)
+        if empty:
+            raise ValueError("data is an empty DataLoader")
+
+
+def _unpack(batch) -> tuple:
+    """A DataLoader batch as ``(x, context)``: a tensor, ``(x,)`` (as from a ``TensorDataset``) or ``(x, ctx)``."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    raise ValueError(f"DataLoader batches must be tensors, (x,) or (x, context) pairs, got {type(batch).__name__}")
+
+
+def _to_device(context, device, dtype):
+    """Move a context tensor; floating contexts take the model's dtype, integer labels stay integers."""
+    if context is None:
+        return None
+    return context.to(device, dtype) if context.is_floating_point() else context.to(device)
+
+
+def _check_tensor(name: str, x, event_shape) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a tensor (N, *event_shape), got {type(x).__name__}") from err
+    if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (N, *event_shape) with N >= 1, got {tuple(x.shape)}")
+    if event_shape is not None and x.shape[1:] != torch.Size(event_shape):
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, but its trailing dimensions must be the model's event shape "
+            f"{tuple(event_shape)}"
+        )
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def _check_context(name: str, context, n: int):
+    if context is None:
+        return None
+    context = torch.as_tensor(context)
+    if context.dim() == 0 or context.shape[0] != n:
+        raise ValueError(f"{name} must have {n} rows to match the data, got shape {tuple(context.shape)}")
+    if context.is_floating_point() and not torch.isfinite(context).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return context
+
+
+# -- argument checks and RNG -----------------------------------------------------------------
+def _check_model(score_model) -> None:
+    if not isinstance(score_model, nn.Module):
+        raise TypeError(f"score_model must be a torch.nn.Module, got {type(score_model).__name__}")
+    if not any(p.requires_grad for p in score_model.parameters()):
+        raise ValueError("score_model has no trainable parameters")
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_positive_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_ema_decay(value) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1) or be None, got {value!r}")
+    return float(value)
+
+
+def _per_point(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Run under ``torch.manual_seed(seed)``, restoring the global RNG state afterwards; no-op for ``None``."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
