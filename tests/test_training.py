@@ -280,9 +280,9 @@ def test_two_moons_prior_beats_a_gaussian():
 
     n = 1000
     reference = datasets.load("moons", n, seed=3)
-    # noise floor: energy distance between independent samples of the data, same sizes (about 0.005)
-    floor = sum(energy_distance(datasets.load("moons", n, seed=10 + i), reference) for i in range(5)) / 5
+    # noise floor: mean energy distance between independent samples of the data, same sizes (about 0.005)
+    floor = sum(energy_distance(datasets.load("moons", n, seed=10 + i), reference) for i in range(20)) / 20
     pyro.set_rng_seed(0)
     samples = prior.sample((n,))  # reverse-time SDE, 500 Euler-Maruyama steps
-    assert energy_distance(samples, reference) < 3 * floor
-    assert energy_distance(gaussian.sample((n,)), reference) > 3 * floor  # the test has power
+    assert energy_distance(samples, reference) < 3 * floor  # measured 0.0049, about the floor
+    assert energy_distance(gaussian.sample((n,)), reference) > 3 * floor  # the test has power: 0.036
