@@ -7,6 +7,7 @@ from torch.distributions import MultivariateNormal
 from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_scoreflow import VESDE, VPSDE, GaussianMixtureScore, ScoreSDEPrior, SubVPSDE, datasets
+from pyro_scoreflow.metrics import energy_distance
 from pyro_scoreflow.networks import ScoreNet
 from pyro_scoreflow.training import EMA, FitHistory, TimeSampler, dsm_loss, fit, validation_loss
 
@@ -22,12 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    r"""Squared energy distance :math:`2E\|X - Y\| - E\|X - X'\| - E\|Y - Y'\|` (V-statistic)."""
-    x, y = x.double(), y.double()
-    return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()
 
 
 def tiny_net(sde=None, event_shape=(2,), seed=0, **kwargs):
