@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sde import ForwardSDE
+from .sde import ForwardSDE, _broadcast_time
 
 __all__ = ["ScoreNet"]
 
@@ -54,6 +54,12 @@ def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _check_positive_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def _check_optional_int(name: str, value) -> int | None:
@@ -274,7 +280,7 @@ class ScoreNet(nn.Module):
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
         r"""The score :math:`-\epsilon_\theta(x, t)/\sigma(t)`, shaped like ``x``."""
         eps, std = self._noise_and_std(x, t, context)
-        return -eps / _per_point(std, eps)
+        return -eps / _broadcast_time(std, eps)
 
     def predict_noise(self, x: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
         r"""The noise prediction :math:`\epsilon_\theta(x, t)`, shaped like ``x``."""
@@ -285,7 +291,7 @@ class ScoreNet(nn.Module):
         alpha, std = self._marginal(x, t)
         c_in = (alpha**2 * self._config["data_std"] ** 2 + std**2).rsqrt()
         cond = self._conditioning(torch.log(std) - torch.log(alpha), context, x.shape[0])
-        eps = self.backbone(x_event * _per_point(c_in, x_event), cond)
+        eps = self.backbone(x_event * _broadcast_time(c_in, x_event), cond)
         return eps.reshape(x.shape), std
 
     def _to_event(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,11 +342,6 @@ class ScoreNet(nn.Module):
         return context.to(self.cond_mlp[0].weight.dtype).expand(n, context_dim)
 
 
-def _per_point(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` reshaped to broadcast against ``x`` ``(N, ...)``."""
-    return v.reshape((-1,) + (1,) * (x.dim() - 1))
-
-
 def _check_event_shape(event_shape) -> torch.Size:
     if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
         event_shape = (event_shape,)
@@ -368,10 +369,7 @@ def _check_config(**cfg) -> dict:
     cfg["channels"] = tuple(_check_positive_int("channels", c) for c in channels)
     if any(c % cfg["groups"] for c in cfg["channels"]):
         raise ValueError(f"every entry of channels must be divisible by groups={cfg['groups']}, got {channels}")
-    data_std = cfg["data_std"]
-    if isinstance(data_std, bool) or not isinstance(data_std, numbers.Real) or not 0 < data_std < math.inf:
-        raise ValueError(f"data_std must be a positive finite number, got {data_std!r}")
-    cfg["data_std"] = float(data_std)
+    cfg["data_std"] = _check_positive_real("data_std", cfg["data_std"])
     return cfg
 
 

@@ -68,7 +68,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dynamics import model_dtype_device
-from .sde import ForwardSDE
+from .networks import _check_positive_int, _check_positive_real
+from .sde import ForwardSDE, _broadcast_time
 
 __all__ = ["fit", "dsm_loss", "train_step", "EMA", "FitHistory", "TimeSampler", "WEIGHTINGS"]
 
@@ -138,7 +139,7 @@ def dsm_loss(
     :returns: ``(N,)``.
     """
     alpha, std = sde.marginal(t)
-    alpha, std = _per_point(alpha, x0), _per_point(std, x0)
+    alpha, std = _broadcast_time(alpha, x0), _broadcast_time(std, x0)
     x_t = alpha * x0 + std * z
     score = score_model(x_t, t) if context is None else score_model(x_t, t, context)
     return (std * score + z).pow(2).flatten(1).mean(1)
@@ -434,28 +435,12 @@ def _check_model(score_model) -> None:
         raise ValueError("score_model has no trainable parameters")
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_positive_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 def _check_ema_decay(value) -> float:
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f"ema_decay must lie in [0, 1) or be None, got {value!r}")
     return float(value)
-
-
-def _per_point(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
 @contextlib.contextmanager
