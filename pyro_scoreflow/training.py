@@ -71,7 +71,7 @@ from .dynamics import model_dtype_device
 from .networks import _check_positive_int, _check_positive_real
 from .sde import ForwardSDE, _broadcast_time
 
-__all__ = ["fit", "dsm_loss", "train_step", "EMA", "FitHistory", "TimeSampler", "WEIGHTINGS"]
+__all__ = ["fit", "dsm_loss", "validation_loss", "train_step", "EMA", "FitHistory", "TimeSampler", "WEIGHTINGS"]
 
 WEIGHTINGS = ("score", "likelihood")
 _BISECTION_STEPS = 64
