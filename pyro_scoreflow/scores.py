@@ -98,23 +98,25 @@ class GaussianMixtureScore(nn.Module):
         return self.locs.shape[1]
 
     def _components_at(self, x: torch.Tensor, t):
-        """Per-point, per-component log densities and precision-weighted residuals."""
+        """Per-point, per-component log densities ``(K, N)`` and :math:`C_k^{-1}(x - \\alpha\\mu_k)` ``(K, N, D)``."""
         dtype, device = x.dtype, x.device
         t = _as_tensor(t, x)
+        if t.dim() == 1 and t.numel() > 1 and t.stride(0) == 0:
+            t = t[0]  # one time for the whole batch (expanded): share C_k across points
         alpha, sigma = self.sde.marginal(t)
-        alpha = alpha.reshape(-1, 1, 1)  # (N or 1, 1, 1)
-        sigma = sigma.reshape(-1, 1, 1)
+        alpha = alpha.reshape(-1, 1, 1).transpose(0, 1)  # (1, N or 1, 1)
+        sigma = sigma.reshape(-1, 1, 1).transpose(0, 1)
         locs = self.locs.to(dtype=dtype, device=device)
-        evals = self._evals.to(dtype=dtype, device=device)
-        evecs = self._evecs.to(dtype=dtype, device=device)
+        evals = self._evals.to(dtype=dtype, device=device).unsqueeze(1)  # (K, 1, D)
+        evecs = self._evecs.to(dtype=dtype, device=device)  # (K, D, D)
         logits = self.logits.to(dtype=dtype, device=device)
-        c = alpha**2 * evals + sigma**2  # (N or 1, K, D): eigenvalues of C_k
-        resid = x.unsqueeze(1) - alpha * locs  # (N, K, D)
-        z = torch.einsum("nkd,kde->nke", resid, evecs)  # U_k^T (x - alpha mu_k)
+        c = alpha**2 * evals + sigma**2  # (K, N or 1, D): eigenvalues of C_k
+        resid = x.unsqueeze(0) - alpha * locs.unsqueeze(1)  # (K, N, D)
+        z = torch.matmul(resid, evecs)  # U_k^T (x - alpha mu_k), as rows
         D = x.shape[-1]
-        log_norm = -0.5 * ((z**2 / c).sum(-1) + c.log().sum(-1) + D * math.log(2 * math.pi))
-        prec_resid = torch.einsum("kde,nke->nkd", evecs, z / c)  # C_k^{-1} (x - alpha mu_k)
-        return logits + log_norm, prec_resid
+        log_norm = -0.5 * ((z**2 / c).sum(-1) + c.log().sum(-1) + D * math.log(2 * math.pi))  # (K, N)
+        prec_resid = torch.matmul(z / c, evecs.transpose(-1, -2))  # (K, N, D)
+        return logits.unsqueeze(-1) + log_norm, prec_resid
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         r""":math:`\nabla_x \log p_t(x)` for ``x`` of shape ``(N, D)`` (or ``(D,)``)."""
@@ -124,14 +126,14 @@ class GaussianMixtureScore(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (N, {self.dim}), got {tuple(x.shape)}")
         log_w, prec_resid = self._components_at(x, t)
-        resp = torch.softmax(log_w, dim=-1)
-        score = -(resp.unsqueeze(-1) * prec_resid).sum(1)
+        resp = torch.softmax(log_w, dim=0)  # (K, N)
+        score = -(resp.unsqueeze(-1) * prec_resid).sum(0)
         return score.squeeze(0) if squeeze else score
 
     def log_density(self, x: torch.Tensor, t) -> torch.Tensor:
         r""":math:`\log p_t(x)` for ``x`` of shape ``(N, D)``, batched over per-point times."""
         log_w, _ = self._components_at(x, t)
-        return log_w.logsumexp(-1)
+        return log_w.logsumexp(0)
 
     def marginal(self, t: float = 0.0) -> MixtureSameFamily:
         r"""The exact :math:`p_t` as a ``MixtureSameFamily`` of ``MultivariateNormal`` (event shape ``(D,)``)."""
