@@ -317,6 +317,25 @@ class ScoreSDEPrior(TorchDistribution):
         self._cache = (x, lp)
         return x, lp
 
+    # -- checkpoints --------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """Write ``config.json`` (SDE, network, event shape, solver options, version) and
+        ``model.safetensors`` to ``directory``, atomically. See :mod:`pyro_scoreflow.checkpoint`."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(directory, self.score_model, self.sde, self.event_shape, self.options)
+
+    @classmethod
+    def from_pretrained(cls, name_or_directory, *, map_location=None, **options) -> ScoreSDEPrior:
+        """Load a prior saved by :meth:`save_pretrained`, or a shipped one by name (e.g. ``"moons"``).
+
+        Never unpickles. ``options`` override the saved solver options; ``map_location`` moves
+        the weights (e.g. ``"cuda"``)."""
+        from .checkpoint import load_checkpoint
+
+        model, sde, event_shape, saved = load_checkpoint(name_or_directory, map_location=map_location)
+        return cls(model, sde, event_shape, **{**saved, **options})
+
     # -- density ----------------------------------------------------------------
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._cache is not None and value is self._cache[0]:
