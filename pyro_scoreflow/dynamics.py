@@ -190,11 +190,11 @@ def hutchinson_divergence(v: torch.Tensor, x: torch.Tensor, probes: torch.Tensor
     return (g * probes).sum(-1).mean(0)
 
 
-def make_probes(kind: str, num: int, n: int, d: int, dtype, device) -> torch.Tensor:
+def make_probes(kind: str, num: int, n: int, d: int, dtype, device, generator=None) -> torch.Tensor:
     """``num`` independent probes per point, ``(num, n, d)``: Rademacher (±1) or standard Gaussian."""
     if kind == "rademacher":
-        return torch.randint(0, 2, (num, n, d), device=device).to(dtype) * 2 - 1
-    return torch.randn(num, n, d, dtype=dtype, device=device)
+        return torch.randint(0, 2, (num, n, d), device=device, generator=generator).to(dtype) * 2 - 1
+    return torch.randn(num, n, d, dtype=dtype, device=device, generator=generator)
 
 
 class ProbabilityFlowODE(nn.Module):
