@@ -1,0 +1,321 @@
+r"""Reading a Pyro model: find its score-prior site and evaluate its likelihood for a batch of values.
+
+The model is traced once with every :class:`~pyro_scoreflow.ScoreSDEPrior` site
+stubbed (given a zero value, so no sampler runs) to find the sites. After that,
+:math:`\log p(y \mid x)` for a batch of ``B`` candidate values of the prior site
+is one trace of the model under an outer ``pyro.plate`` of size ``B`` (the
+particle plate, left of the model's own plates, as in
+:func:`pyro.infer.importance.vectorized_importance_weights`) with the prior site
+conditioned on the batch: the model must broadcast over a leading batch
+dimension of its prior site, exactly as ``vectorize_particles=True`` requires.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from ..distribution import ScoreSDEPrior
+from ..dynamics import model_dtype_device
+
+__all__ = ["ModelLikelihood", "LinearGaussian", "NotLinearGaussian", "unwrap_score_prior"]
+
+PARTICLE_PLATE = "_diffusion_posterior_particles"
+
+
+def unwrap_score_prior(fn) -> ScoreSDEPrior | None:
+    """The :class:`ScoreSDEPrior` inside ``fn`` (through ``base_dist`` wrappers), or ``None``."""
+    for _ in range(16):
+        if isinstance(fn, ScoreSDEPrior):
+            return fn
+        fn = getattr(fn, "base_dist", None)
+        if fn is None:
+            return None
+    return None
+
+
+def _has_no_density(node: dict) -> bool:
+    """Deterministic sites and plates' subsample sites: no density to sample or to count."""
+    return bool(node.get("infer", {}).get("_deterministic", False)) or site_is_subsample(node)
+
+
+class _StubScorePriors(Messenger):
+    """Give every unobserved ``ScoreSDEPrior`` site a zero value, so tracing the model never samples it."""
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["value"] is not None or msg["is_observed"]:
+            return
+        prior = unwrap_score_prior(msg["fn"])
+        if prior is None:
+            return
+        dtype, device = model_dtype_device(prior.score_model)
+        msg["value"] = torch.zeros(msg["fn"].shape(), dtype=dtype, device=device)
+
+
+def _guess_max_plate_nesting(trace) -> int:
+    dims = [
+        -frame.dim
+        for node in trace.nodes.values()
+        if node["type"] == "sample"
+        for frame in node["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+class NotLinearGaussian(ValueError):
+    """The observations are not Gaussian with a mean linear in the prior site's value."""
+
+
+@dataclass
+class LinearGaussian:
+    r"""Whitened linear-Gaussian observations :math:`y_w = A_w x + b_w + \epsilon`, :math:`\epsilon \sim N(0, I)`.
+
+    ``matrix`` is :math:`A_w` ``(M, D)`` (``D`` = the flattened event size), ``offset`` :math:`b_w`
+    and ``value`` :math:`y_w` are ``(M,)``. Whitening divides each observation by its noise scale
+    (a ``Normal``) or applies :math:`L^{-1}` (a ``MultivariateNormal`` with ``scale_tril`` :math:`L`),
+    and multiplies by :math:`\sqrt{\text{scale}}` of a ``poutine.scale``-d site.
+    """
+
+    matrix: torch.Tensor
+    offset: torch.Tensor
+    value: torch.Tensor
+
+
+class ModelLikelihood:
+    r"""The likelihood :math:`\log p(y \mid x)` of a Pyro model, as a function of its prior site ``x``.
+
+    :param callable model: the Pyro model.
+    :param tuple args: its positional arguments.
+    :param dict kwargs: its keyword arguments.
+    :param str site: the :class:`ScoreSDEPrior` site, or ``None`` for the only one.
+    :param int max_plate_nesting: the model's plate nesting; guessed from a trace when ``None``.
+    :raises ValueError: if there is no such site, several and ``site`` is ``None``, the named site is
+        not a ``ScoreSDEPrior``, it is batched (inside a plate), or the model has other latent sites.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        site: str | None = None,
+        max_plate_nesting: int | None = None,
+    ):
+        self.model = model
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        trace = poutine.trace(_StubScorePriors()(model)).get_trace(*self.args, **self.kwargs)
+        self.site = self._find_site(trace, site)
+        node = trace.nodes[self.site]
+        self.prior: ScoreSDEPrior = unwrap_score_prior(node["fn"])
+        fn = node["fn"]
+        if fn.batch_shape != torch.Size() or fn.event_shape != self.prior.event_shape:
+            raise ValueError(
+                f"site {self.site!r} must be a single draw of its ScoreSDEPrior (batch shape (), event shape "
+                f"{tuple(self.prior.event_shape)}), got batch shape {tuple(fn.batch_shape)} and event shape "
+                f"{tuple(fn.event_shape)}: keep it outside plates and do not expand or reinterpret it"
+            )
+        others = [
+            name
+            for name, n in trace.nodes.items()
+            if n["type"] == "sample" and not n["is_observed"] and name != self.site and not _has_no_density(n)
+        ]
+        if others:
+            raise ValueError(
+                f"the model has latent sites other than {self.site!r}: {others}; DiffusionPosterior samples one "
+                "score-prior site given observations. Fix the others with pyro.condition(model, data={...}) "
+                "(they then count as observations) or observe them"
+            )
+        self.observed = [
+            name
+            for name, n in trace.nodes.items()
+            if n["type"] == "sample" and n["is_observed"] and name != self.site and not _has_no_density(n)
+        ]
+        if max_plate_nesting is None:
+            max_plate_nesting = _guess_max_plate_nesting(trace)
+        self.max_plate_nesting = int(max_plate_nesting)
+        self.event_shape = self.prior.event_shape
+        self.dtype, self.device = model_dtype_device(self.prior.score_model)
+
+    @staticmethod
+    def _find_site(trace, site: str | None) -> str:
+        candidates = [
+            name
+            for name, n in trace.nodes.items()
+            if n["type"] == "sample" and not n["is_observed"] and unwrap_score_prior(n["fn"]) is not None
+        ]
+        if site is None:
+            if not candidates:
+                raise ValueError("site=None, but the model has no latent sample site with a ScoreSDEPrior distribution")
+            if len(candidates) > 1:
+                raise ValueError(f"site=None, but the model has several ScoreSDEPrior sites {candidates}: pass site=")
+            return candidates[0]
+        if not isinstance(site, str):
+            raise TypeError(f"site must be a site name (str) or None, got {type(site).__name__}")
+        samples = [name for name, n in trace.nodes.items() if n["type"] == "sample" and not site_is_subsample(n)]
+        if site not in samples:
+            raise ValueError(f"site={site!r} is not a sample site of the model; its sample sites are {samples}")
+        node = trace.nodes[site]
+        if node["is_observed"]:
+            raise ValueError(f"site={site!r} is observed; it must be the latent ScoreSDEPrior site")
+        if unwrap_score_prior(node["fn"]) is None:
+            raise ValueError(
+                f"site={site!r} has distribution {type(node['fn']).__name__}, not a ScoreSDEPrior"
+                + (f"; the ScoreSDEPrior sites are {candidates}" if candidates else "")
+            )
+        return site
+
+    # -- vectorised evaluation ---------------------------------------------------------------
+    def trace(self, x: torch.Tensor):
+        """Trace the model with the prior site conditioned on ``x`` ``(B, *event_shape)``, under a particle plate."""
+        b = x.shape[0]
+        mpn = self.max_plate_nesting
+        value = x.reshape((b,) + (1,) * mpn + tuple(self.event_shape))
+        model = self.model
+
+        def vectorized(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, b, dim=-(mpn + 1)):
+                return model(*args, **kwargs)
+
+        trace = poutine.trace(poutine.condition(vectorized, data={self.site: value})).get_trace(
+            *self.args, **self.kwargs
+        )
+        latent = [
+            name
+            for name, n in trace.nodes.items()
+            if n["type"] == "sample" and not n["is_observed"] and not _has_no_density(n)
+        ]
+        if latent:
+            raise ValueError(f"the model sampled latent sites {latent} when its prior site was conditioned")
+        return trace
+
+    def _particle_rows(self, name: str, tensor: torch.Tensor, batch_dims: int, b: int) -> torch.Tensor:
+        """``tensor`` with ``batch_dims`` batch dims (the particle plate leftmost), as ``(b, -1)`` rows."""
+        mpn = self.max_plate_nesting
+        if batch_dims > mpn + 1:
+            raise ValueError(
+                f"observed site {name!r} has batch dimensions left of the model's {mpn} plate dim(s): the model "
+                f"must broadcast over a leading batch dimension of its prior site (as for vectorize_particles=True); "
+                f"pass max_plate_nesting if it is larger than {mpn}"
+            )
+        while batch_dims < mpn + 1:
+            tensor, batch_dims = tensor.unsqueeze(0), batch_dims + 1
+        if tensor.shape[0] not in (1, b):
+            raise ValueError(
+                f"observed site {name!r}: its particle dimension has size {tensor.shape[0]}, expected {b}; the model "
+                "must broadcast over a leading batch dimension of its prior site"
+            )
+        tensor = tensor.expand((b,) + tensor.shape[1:])
+        return tensor.reshape(b, -1)
+
+    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sum_{\text{observed}} \log p(y \mid x)` for each row of ``x`` ``(B, *event_shape)``: ``(B,)``.
+
+        Scales and masks (``poutine.scale``, subsampling plates, ``obs_mask``) apply as in any Pyro
+        ELBO. Differentiable with respect to ``x``.
+        """
+        b = x.shape[0]
+        trace = self.trace(x)
+        observed = set(self.observed)
+        trace.compute_log_prob(site_filter=lambda name, node: name in observed)
+        total = x.new_zeros(b)
+        for name in self.observed:
+            lp = trace.nodes[name]["log_prob"]
+            rows = self._particle_rows(name, lp, lp.dim(), b)
+            total = total + rows.sum(-1).to(total.dtype)
+        return total
+
+    # -- linear-Gaussian observations -------------------------------------------------------
+    def linear_gaussian(self) -> LinearGaussian:
+        r"""Extract :math:`A_w, b_w, y_w` of whitened linear-Gaussian observations.
+
+        The observation means are evaluated at :math:`x = 0`, at the ``D`` unit vectors (which gives
+        :math:`A` exactly for a linear map) and at two random points, where the linear prediction
+        must hold to :math:`\sqrt{\epsilon_{\text{machine}}}` relative accuracy; the noise scales
+        must not depend on ``x``.
+
+        :raises NotLinearGaussian: if some observed site is not ``Normal``/``MultivariateNormal``
+            (possibly ``.to_event``), is masked, or its mean is not affine or its noise depends on ``x``.
+        """
+        d = math.prod(self.event_shape)
+        gen = torch.Generator().manual_seed(0)
+        probes = torch.randn(2, d, generator=gen, dtype=torch.float64)
+        eye = torch.eye(d, dtype=torch.float64)
+        flat = torch.cat([torch.zeros(1, d, dtype=torch.float64), eye, probes]).to(self.dtype).to(self.device)
+        b = flat.shape[0]
+        with torch.no_grad():
+            trace = self.trace(flat.reshape((b,) + tuple(self.event_shape)))
+        locs, values, scales = [], [], []
+        for name in self.observed:
+            loc, value, noise = self._whitened(name, trace.nodes[name], b)
+            locs.append(loc)
+            values.append(value)
+            scales.append(noise)
+        if not locs:
+            raise NotLinearGaussian("the model has no observed sites")
+        loc = torch.cat(locs, -1)  # (b, M)
+        value = torch.cat(values, -1)[0]
+        offset = loc[0]
+        matrix = (loc[1 : d + 1] - offset).T  # (M, D)
+        predicted = offset + flat[d + 1 :] @ matrix.T
+        tol = math.sqrt(torch.finfo(loc.dtype).eps) * (1 + loc.abs().max())
+        err = (predicted - loc[d + 1 :]).abs().max()
+        if not err <= tol:
+            raise NotLinearGaussian(
+                f"the observation mean is not linear in {self.site!r} (error {float(err):.3g} of the linear "
+                f"prediction at a random point)"
+            )
+        for name, noise in zip(self.observed, scales):
+            if not torch.allclose(noise, noise[:1].expand_as(noise), rtol=1e-6, atol=0):
+                raise NotLinearGaussian(f"the noise scale of observed site {name!r} depends on {self.site!r}")
+        return LinearGaussian(matrix=matrix, offset=offset, value=value)
+
+    def _whitened(self, name: str, node: dict, b: int):
+        """Whitened means, values and the noise factors of one observed site, as ``(b, -1)`` rows."""
+        fn = node["fn"]
+        if node.get("mask") is not None and not (isinstance(node["mask"], bool) and node["mask"]):
+            mask = node["mask"]
+            if not (isinstance(mask, torch.Tensor) and bool(mask.all())):
+                raise NotLinearGaussian(f"observed site {name!r} is masked")
+        scale = node.get("scale", 1.0)
+        if isinstance(scale, torch.Tensor):
+            if not bool((scale == scale.reshape(-1)[0]).all()):
+                raise NotLinearGaussian(f"observed site {name!r} has a non-uniform poutine.scale")
+            scale = float(scale.reshape(-1)[0])
+        root = math.sqrt(float(scale))
+        base = fn
+        while isinstance(base, Independent):
+            base = base.base_dist
+        value = node["value"]
+        batch_dims = len(fn.batch_shape)
+        full = fn.batch_shape + fn.event_shape
+        if isinstance(base, Normal):
+            loc, std = base.loc, base.scale
+            loc_w = (loc / std).expand(full) * root
+            val_w = (value / std).expand(full) * root
+            noise = std.expand(full)
+        elif isinstance(base, MultivariateNormal):
+            tril = base.scale_tril
+            k = tril.shape[-1]
+            full_batch = fn.batch_shape + fn.event_shape[:-1]
+            tril_full = tril.expand(full_batch + (k, k))
+            loc_w = torch.linalg.solve_triangular(tril_full, base.loc.expand(full).unsqueeze(-1), upper=False)
+            val_w = torch.linalg.solve_triangular(tril_full, value.expand(full).unsqueeze(-1), upper=False)
+            loc_w, val_w = loc_w.squeeze(-1) * root, val_w.squeeze(-1) * root
+            noise = tril_full.reshape(full_batch + (k * k,))
+            full = full_batch + (k * k,)
+        else:
+            raise NotLinearGaussian(
+                f"observed site {name!r} has distribution {type(base).__name__}; Normal or MultivariateNormal needed"
+            )
+        rows = [self._particle_rows(name, t, batch_dims, b) for t in (loc_w, val_w, noise)]
+        return rows[0], rows[1], rows[2]
