@@ -37,10 +37,15 @@ Optimisation: Adam, gradient-norm clipping, and an exponential moving average
 are not dominated by the initial weights. :func:`fit` returns the model with
 the EMA weights loaded; the raw weights stay in ``model.fit_history``.
 
-The loop is built from small pieces (:func:`dsm_loss`, :func:`train_step`,
-:class:`EMA`, the batch iterator) so that a distributed version can wrap the
-model in ``DistributedDataParallel``, shard the data with a
-``DistributedSampler`` and keep the EMA and progress bar on rank 0.
+Randomness: each step draws, in this order, the data indices of the whole
+batch (epochs of random permutations), then :math:`u` (the times) and then
+:math:`z` for every point of that batch. Under ``torch.distributed`` (see
+``docs/distributed.md``) every process draws that same global batch from the
+shared seed and keeps its own slice of ``batch_size / world_size`` points, so
+data-parallel training with ``DistributedDataParallel`` (gradients averaged
+over processes) follows single-process training step by step, up to float
+round-off. The EMA is kept identically on every process; the progress bar
+shows on rank 0 only.
 
 References:
 
@@ -63,10 +68,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from .dynamics import model_dtype_device
 from .networks import _check_positive_int, _check_positive_real
 from .sde import ForwardSDE, _broadcast_time
@@ -145,18 +153,26 @@ def dsm_loss(
     return (std * score + z).pow(2).flatten(1).mean(1)
 
 
-def _weighted_loss(sde, sampler: TimeSampler, model, x0, context, u: torch.Tensor | None = None) -> torch.Tensor:
-    """The weighted DSM loss of a batch, times from ``u`` (uniform draws when ``None``) and fresh noise."""
+def _weighted_loss(
+    sde, sampler: TimeSampler, model, x0, context, u: torch.Tensor | None = None, z: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The weighted DSM loss of a batch: times from ``u`` and noise ``z`` (fresh draws where ``None``)."""
     if u is None:
         u = torch.rand(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    if z is None:
+        z = torch.randn_like(x0)
     t, weight = sampler(u)
-    return weight * dsm_loss(model, sde, x0, t, torch.randn_like(x0), context).mean()
+    return weight * dsm_loss(model, sde, x0, t, z, context).mean()
 
 
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch: tuple, grad_clip: float | None
 ) -> torch.Tensor:
-    """One optimisation step: zero grads, ``loss_fn(model, *batch).backward()``, clip, step; the detached loss."""
+    """One optimisation step: zero grads, ``loss_fn(model, *batch).backward()``, clip, step; the detached loss.
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper: its backward pass averages the gradients over
+    the processes, so the clipping sees (and every process applies) the averaged gradients.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model, *batch)
     loss.backward()
@@ -226,6 +242,7 @@ def fit(
     validation_context: torch.Tensor | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    distributed: bool | str = "auto",
 ) -> nn.Module:
     r"""Train ``score_model`` by denoising score matching (module docstring) and return it with EMA weights.
 
@@ -250,8 +267,22 @@ def fit(
         one draw per point) under the returned weights goes into
         ``model.fit_history.validation_loss``.
     :param validation_context: context aligned with ``validation_data``.
-    :param bool progress: show a tqdm bar with the running loss.
-    :param device: move the model there first (default: where its parameters are).
+    :param bool progress: show a tqdm bar with the running loss (on rank 0 only when distributed).
+    :param device: move the model there first (default: where its parameters are; under an NCCL
+        process group, a model not on a GPU goes to the current CUDA device, GPU ``$LOCAL_RANK``).
+    :param distributed: data-parallel training over a ``torch.distributed`` process group (see
+        ``docs/distributed.md``). ``"auto"`` (default): use the initialised default process group,
+        or initialise one from torchrun's environment (NCCL with CUDA, else gloo), or train in this
+        process alone when there is neither. ``True``: as ``"auto"``, but raise ``RuntimeError`` when
+        there is neither. ``False``: train in this process alone, ignoring any process group. With
+        more than one process, every process must call ``fit`` with the same arguments; the model is
+        wrapped in ``DistributedDataParallel`` (rank 0's initial weights are broadcast, gradients are
+        averaged), each step's global batch of ``batch_size`` points is drawn identically on every
+        process (``seed``, or one seed drawn on rank 0 and broadcast) and split into ``world_size``
+        slices of ``batch_size // world_size`` points, one per process (``batch_size``, or a
+        ``DataLoader``'s batch size, must be divisible by the world size). A ``DataLoader`` is rebuilt
+        around a ``DistributedSampler`` (unless its sampler already is one, or its dataset is an
+        ``IterableDataset``, which must then shard itself). Every process returns the same model.
     :returns: ``score_model``, EMA weights loaded, with ``score_model.fit_history`` a :class:`FitHistory`.
     :raises ValueError: for bad arguments, or data of the wrong shape or with NaN/inf, before training.
     """
@@ -277,17 +308,30 @@ def fit(
     if validation_data is not None:
         validation_data = _check_tensor("validation_data", validation_data, event_shape)
         validation_context = _check_context("validation_context", validation_context, validation_data.shape[0])
+    if not (distributed is True or distributed is False or distributed == "auto"):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
 
+    group = _setup_distributed(distributed)
+    if group is not None:
+        if isinstance(data, DataLoader):
+            _check_shardable(data, group.world_size)
+        else:
+            _local_batch_size("batch_size", batch_size, group.world_size)
+        seed = _shared_seed(seed, group)
+        if isinstance(data, DataLoader):
+            data = _shard_loader(data, group, seed)
+        if device is None and group.nccl and not any(p.is_cuda for p in score_model.parameters()):
+            device = torch.device("cuda", torch.cuda.current_device())
     if device is not None:
         score_model.to(device)
     dtype, device = model_dtype_device(score_model)
     history = FitHistory(weighting=weighting)
     was_training = score_model.training
     with _seeded(seed, device):
-        batches = _batch_iterator(data, context, batch_size, event_shape, dtype, device)
+        batches = _batch_iterator(data, context, batch_size, event_shape, dtype, device, group)
         first = next(batches)  # checks a DataLoader's first batch before training
         score_model.train()
-        _train(score_model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history)
+        _train(score_model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group)
         score_model.eval()
         if validation_data is not None:
             history.validation_loss = validation_loss(
@@ -299,29 +343,45 @@ def fit(
     return score_model
 
 
-def _train(model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history) -> None:
-    """The optimisation loop: Adam steps on the batches, EMA updates, progress; loads the EMA weights at the end."""
+def _train(model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group) -> None:
+    """The optimisation loop: Adam steps on the batches, EMA updates, progress; loads the EMA weights at the end.
+
+    With a process group, the steps run through a ``DistributedDataParallel`` wrapper (built first: it
+    broadcasts rank 0's weights, from which every process's EMA then starts), and the recorded losses
+    are averaged over the processes, so that every process ends with the same model and history.
+    """
+    net = model
+    if group is not None:
+        device = model_dtype_device(model)[1]
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     ema = EMA(model, ema_decay) if ema_decay else None
-    losses = []
-    bar = tqdm(total=steps, desc="fit", disable=not progress, dynamic_ncols=True)
+    windows, pending = [], []
+    main = group is None or group.rank == 0
+    bar = tqdm(total=steps, desc="fit", disable=not progress or not main, dynamic_ncols=True)
     refresh = max(1, steps // 100)
     start = time.perf_counter()
     loss_fn = functools.partial(_weighted_loss, sde, sampler)
     batch = first
     for step in range(steps):
-        loss = train_step(model, optimizer, loss_fn, batch, grad_clip)
-        losses.append(loss)
+        pending.append(train_step(net, optimizer, loss_fn, batch, grad_clip))
         if ema is not None:
             ema.update(model)
-        if (step + 1) % refresh == 0 or step + 1 == steps:
-            bar.set_postfix(loss=f"{torch.stack(losses[-refresh:]).mean().item():.4g}", refresh=False)
+        if (step + 1) % refresh == 0 or step + 1 == steps:  # the same steps on every process
+            window = torch.stack(pending)
+            pending = []
+            if group is not None:
+                dist.all_reduce(window)  # a sum: ReduceOp.AVG is NCCL-only
+                window /= group.world_size
+            windows.append(window)
+            bar.set_postfix(loss=f"{window.mean().item():.4g}", refresh=False)
             bar.update(step + 1 - bar.n)
         if step + 1 < steps:
             batch = next(batches)
     bar.close()
+    del net  # the wrapper is not kept: fit returns (and may train again) the plain module
     history.steps_per_second = steps / (time.perf_counter() - start)
-    history.loss = torch.stack(losses).tolist()
+    history.loss = torch.cat(windows).tolist()
     history.raw_state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if ema is not None:
         ema.copy_to(model)
@@ -353,22 +413,43 @@ def validation_loss(
 
 
 # -- data ---------------------------------------------------------------------------------
-def _batch_iterator(data, context, batch_size, event_shape, dtype, device) -> Iterator[tuple]:
-    """Endless ``(x0, context)`` batches on ``device``: epochs of random permutations, or a cycled DataLoader."""
+def _batch_iterator(data, context, batch_size, event_shape, dtype, device, group=None) -> Iterator[tuple]:
+    """Endless ``(x0, context, u, z)`` batches on ``device``: epochs of random permutations, or a cycled DataLoader.
+
+    Each step draws the global batch's indices, then its ``u`` and ``z`` (:func:`_batch_noise`); with a
+    process group, every process draws them all and keeps the slice of its rank.
+    """
+    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
     if isinstance(data, DataLoader):
-        yield from _loader_batches(data, event_shape, dtype, device)
+        for x, ctx in _loader_batches(data, event_shape, dtype, device):
+            yield x, ctx, *_batch_noise(x.shape[0], x.shape[1:], dtype, device, rank, world)
         return
     n = data.shape[0]
+    local = batch_size // world
     order = torch.empty(0, dtype=torch.long)
     while True:
         while order.numel() < batch_size:
             order = torch.cat([order, torch.randperm(n)])
-        idx, order = order[:batch_size], order[batch_size:]
-        yield data[idx].to(device, dtype), _to_device(None if context is None else context[idx], device, dtype)
+        idx, order = order[rank * local : (rank + 1) * local], order[batch_size:]
+        x0 = data[idx].to(device, dtype)
+        ctx = _to_device(None if context is None else context[idx], device, dtype)
+        yield x0, ctx, *_batch_noise(local, event_shape, dtype, device, rank, world)
+
+
+def _batch_noise(local: int, event_shape, dtype, device, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u ~ U[0, 1)`` and ``z ~ N(0, I)`` for the ``local * world`` points of a global batch; this rank's slice."""
+    u = torch.rand(local * world, dtype=dtype, device=device)
+    z = torch.randn((local * world, *event_shape), dtype=dtype, device=device)
+    if world == 1:
+        return u, z
+    return u[rank * local : (rank + 1) * local], z[rank * local : (rank + 1) * local]
 
 
 def _loader_batches(loader: DataLoader, event_shape, dtype, device) -> Iterator[tuple]:
+    epoch = 0
     while True:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)  # a fresh shuffle every pass, the same on every process
         empty = True
         for batch in loader:
             empty = False
@@ -378,6 +459,7 @@ def _loader_batches(loader: DataLoader, event_shape, dtype, device) -> Iterator[
             yield x.to(device, dtype), _to_device(_check_context("a batch's context", ctx, x.shape[0]), device, dtype)
         if empty:
             raise ValueError("data is an empty DataLoader")
+        epoch += 1
 
 
 def _unpack(batch) -> tuple:
@@ -425,6 +507,88 @@ def _check_context(name: str, context, n: int):
     if context.is_floating_point() and not torch.isfinite(context).all():
         raise ValueError(f"{name} contains NaN or inf")
     return context
+
+
+# -- distributed ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Group:
+    """The default process group as :func:`fit` uses it."""
+
+    rank: int
+    world_size: int
+    nccl: bool  # collectives need CUDA tensors
+
+
+def _setup_distributed(distributed: bool | str) -> _Group | None:
+    """The process group to train over (initialised from torchrun's environment if need be), or None for one process."""
+    if distributed is False:
+        return None
+    if not _distributed.init_from_env():
+        if distributed is True:
+            raise RuntimeError(
+                "fit(distributed=True) needs an initialised torch.distributed process group or torchrun's "
+                "environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+            )
+        return None
+    if dist.get_world_size() == 1:
+        return None
+    backend = str(dist.get_backend())
+    return _Group(dist.get_rank(), dist.get_world_size(), nccl="nccl" in backend and "gloo" not in backend)
+
+
+def _local_batch_size(name: str, batch_size: int, world_size: int) -> int:
+    if batch_size % world_size:
+        raise ValueError(
+            f"{name} ({batch_size}) must be divisible by the number of processes ({world_size}): "
+            f"each process takes {name} // {world_size} points of every step's global batch"
+        )
+    return batch_size // world_size
+
+
+def _shared_seed(seed: int | None, group: _Group) -> int:
+    """``seed``, or (for ``None``) a seed drawn from rank 0's global RNG and broadcast to every process."""
+    if seed is not None:
+        return seed
+    value = torch.randint(0, 2**62, (1,))
+    if group.nccl:
+        value = value.cuda()
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
+def _check_shardable(loader: DataLoader, world_size: int) -> None:
+    if isinstance(loader.sampler, DistributedSampler) or isinstance(loader.dataset, IterableDataset):
+        return  # used as is: the loader shards itself
+    if loader.batch_size is None or not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        raise ValueError(
+            "a DataLoader with a custom sampler or batch_sampler cannot be sharded over processes: "
+            "give one whose sampler is a torch.utils.data.DistributedSampler"
+        )
+    _local_batch_size("the DataLoader's batch_size", loader.batch_size, world_size)
+
+
+def _shard_loader(loader: DataLoader, group: _Group, seed: int) -> DataLoader:
+    """The loader rebuilt around a ``DistributedSampler``: its batch size is split over the processes.
+
+    A loader whose sampler is already a ``DistributedSampler``, or whose dataset is an ``IterableDataset``,
+    is returned as it is.
+    """
+    if isinstance(loader.sampler, DistributedSampler) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    sampler = DistributedSampler(
+        loader.dataset, num_replicas=group.world_size, rank=group.rank,
+        shuffle=isinstance(loader.sampler, RandomSampler), seed=seed,
+    )  # fmt: skip
+    workers = {}
+    if loader.num_workers > 0:
+        workers = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers,
+                   "multiprocessing_context": loader.multiprocessing_context}  # fmt: skip
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size // group.world_size, sampler=sampler,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator, **workers,
+    )  # fmt: skip
 
 
 # -- argument checks and RNG -----------------------------------------------------------------
