@@ -204,8 +204,10 @@ class ModelLikelihood:
         if batch_dims > mpn + 1:
             raise ValueError(
                 f"observed site {name!r} has batch dimensions left of the model's {mpn} plate dim(s): the model "
-                f"must broadcast over a leading batch dimension of its prior site (as for vectorize_particles=True); "
-                f"pass max_plate_nesting if it is larger than {mpn}"
+                "must broadcast over a leading batch dimension of its prior site (as for vectorize_particles=True). "
+                "A plate over the components of a vector computed from the prior site does not: declare them as "
+                "event dimensions instead (e.g. Normal(x @ A.T, s).to_event(1)); or pass max_plate_nesting if the "
+                f"model nests more than {mpn} plates"
             )
         while batch_dims < mpn + 1:
             tensor, batch_dims = tensor.unsqueeze(0), batch_dims + 1
