@@ -317,11 +317,13 @@ def fit(
             _check_shardable(data, group.world_size)
         else:
             _local_batch_size("batch_size", batch_size, group.world_size)
-        seed = _shared_seed(seed, group)
-        if isinstance(data, DataLoader):
-            data = _shard_loader(data, group, seed)
         if device is None and group.nccl and not any(p.is_cuda for p in score_model.parameters()):
             device = torch.device("cuda", torch.cuda.current_device())
+        if group.nccl and device is not None and torch.device(device).type != "cuda":
+            raise ValueError(f"the NCCL backend trains on GPUs, got device={str(device)!r}: pass None or 'cuda'")
+        seed = _shared_seed(seed, group)  # a collective: after every check above, so a bad argument fails everywhere
+        if isinstance(data, DataLoader):
+            data = _shard_loader(data, group, seed)
     if device is not None:
         score_model.to(device)
     dtype, device = model_dtype_device(score_model)
