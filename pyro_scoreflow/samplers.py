@@ -50,10 +50,11 @@ def reverse_sde_sample(field: ScoreField, x_T: torch.Tensor, *, num_steps: int, 
     """
     sde = field.sde
     sde_type, levy_area = SDE_METHODS[method]
-    ts = torch.tensor([-sde.T, -sde.eps], dtype=x_T.dtype, device=x_T.device)
-    t0, t1 = float(ts[0]), float(ts[1])  # exactly representable in x's dtype
-    # a hair above the grid spacing so round-off never adds a sliver of a step
-    dt = (t1 - t0) / num_steps * (1 + 1e-6)
+    # solver time in float64 whatever the state's dtype: float32 sums of num_steps steps drift by
+    # ~1e-6 and would add a sliver of a step at the end; the fields cast t back to x's dtype
+    ts = torch.tensor([-sde.T, -sde.eps], dtype=torch.float64, device=x_T.device)
+    t0, t1 = -sde.T, -sde.eps
+    dt = (t1 - t0) / num_steps * (1 + 1e-9)
     entropy = int(torch.randint(0, 2**31 - 1, ()).item())
     bm = torchsde.BrownianInterval(
         t0=t0,
