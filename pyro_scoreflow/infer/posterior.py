@@ -197,7 +197,7 @@ class DiffusionPosterior:
                 draws.append(self._sample_chunk(prior, guide, n, num_steps))
         x = torch.cat(draws)
         self._samples = {likelihood.site: x.reshape((self.num_samples,) + tuple(prior.event_shape))}
-        self.nfe = num_steps * (1 + self.corrector_steps) + int(prior.denoise)
+        self.nfe = num_steps * (1 + self.corrector_steps) + int(getattr(prior, "denoise", False))
         self.wall_time = time.perf_counter() - start
         return self
 
@@ -272,7 +272,7 @@ class DiffusionPosterior:
             score = self._guided_score(field, guide, x, t)
             g = sde.diffusion(t)
             x = x - (sde.drift(x, t) - g**2 * score) * dt + g * dt.sqrt() * torch.randn_like(x)
-        if prior.denoise:
+        if getattr(prior, "denoise", False):
             alpha, sigma = sde.marginal(ts[-1])
             x = (x + sigma**2 * field(x, ts[-1])) / alpha
         if not torch.isfinite(x).all():
