@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,12 +126,12 @@ def resolve_checkpoint(name_or_directory: str | os.PathLike) -> Path:
         return path
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UnsafeCheckpointError(f"{path}: {_PICKLE_WARNING}")
+    if isinstance(name_or_directory, str) and name_or_directory in pretrained_names():
+        return PRETRAINED_DIR / name_or_directory
     if path.is_file():
         if path.name in (CONFIG_NAME, WEIGHTS_NAME):
             return path.parent
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory (config.json + model.safetensors)")
-    if isinstance(name_or_directory, str) and name_or_directory in pretrained_names():
-        return PRETRAINED_DIR / name_or_directory
     hint = _interrupted_save_hint(path)
     raise CheckpointNotFoundError(
         f"{str(name_or_directory)!r} is neither a checkpoint directory nor a shipped prior "
@@ -184,7 +183,8 @@ def save_checkpoint(
     extras = _extra_entries(target)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would end up on the checkpoint; this honours the umask
     try:
         weights = tmp / WEIGHTS_NAME
         safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt"})
