@@ -214,8 +214,9 @@ def test_importance_sequential(score, posterior_bimodal):
 
 
 def test_importance_default_guide_weights_are_the_likelihood(score):
-    """With ``guide=None`` Importance proposes from the prior (a reverse-SDE solve per particle)
-    and evaluates ``log_prob`` in both model and guide: the two cancel exactly."""
+    """With ``guide=None`` Importance proposes from the prior (a reverse-SDE solve per particle);
+    the model's and the guide's log p(x) (one prior object, so the second is served from its
+    ``log_prob`` cache) cancel exactly, leaving the likelihood as the weight."""
     pyro.set_rng_seed(6)
     prior = ScoreSDEPrior(score, SDE, (2,), num_steps=100, rtol=1e-3, atol=1e-3)
     importance = Importance(model, guide=None, num_samples=20).run(prior, Y_BIMODAL)
@@ -249,8 +250,8 @@ def test_vectorized_importance_prior_proposal(vectorized_prior_run, posterior_bi
     #   mean:   std / sqrt(ESS) ~ (0.022, 0.013)
     #   std:    std / sqrt(2 ESS) ~ (0.016, 0.009) (the Gaussian value; 5 se for the bimodal x1)
     #   masses: sqrt(m (1 - m) / ESS) ~ 0.012 (an upper bound for averaged responsibilities)
-    # systematic: sampling p_T = N(0, I) instead of p_T and 500 Euler-Maruyama steps
-    # move these by < 0.01 (measured with 40000 particles); allowed for by the + 0.01.
+    # systematic: starting the reverse SDE from N(0, I) instead of the exact p_T, and 500
+    # Euler-Maruyama steps, move these by < 0.01 (measured with 40000 particles): the + 0.01.
     se_mean = exact.std / math.sqrt(ess)
     assert ((mean - exact.mean).abs() < 4 * se_mean + 0.01).all(), (mean, exact.mean)
     se_std = exact.std / math.sqrt(2 * ess)
@@ -295,7 +296,7 @@ def test_svi_autoguide(score, posterior_unimodal):
     """SVI with ``Trace_ELBO`` and ``AutoMultivariateNormal``: the posterior is Gaussian here."""
     pyro.set_rng_seed(3)
     pyro.clear_param_store()
-    # rtol = atol = 1e-3: log_prob errors ~0.03 nats, ~3x cheaper gradients than 1e-5
+    # rtol = atol = 1e-3: log_prob errors ~0.03 nats, gradients ~2x cheaper than at 1e-5
     prior = ScoreSDEPrior(score, SDE, (2,), rtol=1e-3, atol=1e-3)
     guide = AutoMultivariateNormal(model, init_loc_fn=init_to_median, init_scale=0.3)
     num_steps = 150
