@@ -184,7 +184,7 @@ def main(args: argparse.Namespace) -> None:
     density = log_p.exp().reshape(args.grid_size, args.grid_size)
     density_exact = log_p_exact.exp().reshape(args.grid_size, args.grid_size)
     levels = torch.linspace(0.02, float(density_exact.max()), 6).tolist()
-    for ax, (name, x) in zip(axes[:2], samples.items()):
+    for ax, (name, x) in zip(axes[:2], samples.items(), strict=True):
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.3, color="tab:blue")
         ax.contour(gx, gy, density_exact, levels=levels, colors="black", linewidths=0.8)
         ax.set_title(f"{name} samples (contours: exact density)")
