@@ -32,11 +32,14 @@ Shipped priors live in ``pyro_scoreflow/pretrained/<name>/``
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
 import shutil
+import stat
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -195,6 +198,8 @@ def save_checkpoint(
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        # safetensors creates its file with mode 0600; give it config.json's mode (the umask's default)
+        os.chmod(weights, stat.S_IMODE(os.stat(tmp / CONFIG_NAME).st_mode))
         for entry in extras:
             if entry.is_dir():
                 shutil.copytree(entry, tmp / entry.name, symlinks=True)
@@ -474,9 +479,22 @@ def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+_NOT_OPTIONS = {"self", "score_model", "sde", "event_shape", "batch_shape", "context", "context_shape", "validate_args"}
+
+
 def _check_options(options: dict, model, sde, event_shape, path: Path) -> None:
+    """Drop (with a warning) options this version does not know; raise for invalid values of known ones."""
     from .distribution import ScoreSDEPrior
 
+    known = set(inspect.signature(ScoreSDEPrior.__init__).parameters) - _NOT_OPTIONS
+    unknown = sorted(set(options) - known)
+    if unknown:
+        warnings.warn(
+            f"{path}: ignoring solver options unknown to this version of pyro_scoreflow: {', '.join(unknown)}",
+            stacklevel=3,
+        )
+        for key in unknown:
+            del options[key]
     try:
         ScoreSDEPrior(model, sde, event_shape, **options)
     except (TypeError, ValueError) as err:
