@@ -231,7 +231,9 @@ class ScoreSDEPrior(TorchDistribution):
         self.denoise = bool(denoise)
         self.max_num_steps = _check_int("max_num_steps", max_num_steps)
         self.last_nfe = 0
-        self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        # one-entry memo of (value, version, batch_shape, log_prob), shared with expanded copies
+        # (pyro.plate expands the prior at every call, so model and guide get different instances)
+        self._cache: list = [None]
         event_shape = _check_event_shape(event_shape)
         self.context, self.context_shape, batch_shape = _check_context(context, context_shape, batch_shape)
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
@@ -272,7 +274,7 @@ class ScoreSDEPrior(TorchDistribution):
         if self.context is not None:
             new.context = self.context.expand(batch_shape + self.context_shape)
         new.last_nfe = 0
-        new._cache = None
+        new._cache = self._cache
         super(ScoreSDEPrior, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -412,7 +414,7 @@ class ScoreSDEPrior(TorchDistribution):
             x, integral = self._flow_solve(x_T, self.sde.T, self.sde.eps, batch)
             lp = self._prior_log_prob(x_T) - integral
         x, lp = x.reshape(shape), lp.reshape(batch)
-        self._cache = (x, x._version, lp)
+        self._cache[0] = (x, x._version, self.batch_shape, lp)
         return x, lp
 
     # -- checkpoints --------------------------------------------------------------
@@ -444,10 +446,16 @@ class ScoreSDEPrior(TorchDistribution):
         model and a guide sharing this prior under ``Importance``), is the same number, so prior
         terms cancel exactly even with Hutchinson's estimator.
         """
-        cache = self._cache
+        cache = self._cache[0]
         wants_grad = torch.is_grad_enabled() and value.requires_grad
-        if cache is not None and value is cache[0] and value._version == cache[1] and not wants_grad:
-            return cache[2]
+        if (
+            cache is not None
+            and value is cache[0]
+            and value._version == cache[1]
+            and cache[2] == self.batch_shape
+            and not wants_grad
+        ):
+            return cache[3]
         if self._validate_args:
             self._validate_sample(value)
         dtype, device = model_dtype_device(self.score_model, value)
@@ -462,7 +470,7 @@ class ScoreSDEPrior(TorchDistribution):
         if out_shape != lead:
             lp = lp.expand(out_shape)
         if not lp.requires_grad:
-            self._cache = (value, value._version, lp)
+            self._cache[0] = (value, value._version, self.batch_shape, lp)
         return lp
 
     def log_prob_lower_bound(self, value: torch.Tensor, num_samples: int = 64) -> torch.Tensor:

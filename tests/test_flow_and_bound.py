@@ -158,3 +158,12 @@ def test_conditional_prior():
     # plates work
     with pyro.plate("p", 3):
         assert pyro.sample("x", prior).shape == (3, 2)
+
+
+def test_cache_is_shared_by_expanded_copies(setup):
+    """pyro.plate expands the prior at every call: model and guide copies share the memo."""
+    sde, score, prior = setup
+    x = score.marginal(sde.eps).sample((4,))
+    lp = prior.expand((4,)).log_prob(x)
+    assert prior.expand((4,)).log_prob(x) is lp
+    assert prior.expand((2, 4)).log_prob(x).shape == (2, 4)  # another batch shape: not the memo
