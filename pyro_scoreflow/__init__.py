@@ -1,6 +1,6 @@
 """pyro_scoreflow: score-based diffusion models as Pyro distributions."""
 
-from . import datasets
+from . import datasets, infer
 from .conditional import ConditionalScoreSDEPrior
 from .distribution import ScoreSDEPrior
 from .dynamics import SolverError
@@ -25,6 +25,7 @@ __all__ = [
     "VESDE",
     "VPSDE",
     "datasets",
+    "infer",
     "fit",
     "__version__",
 ]
