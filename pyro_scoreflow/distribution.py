@@ -11,6 +11,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.ops.integrator import register_exception_handler
 from torch.distributions import constraints
 
+from ._checks import check_event_shape
 from .dynamics import (
     ADAPTIVE_ODE_METHODS,
     FIXED_ODE_METHODS,
@@ -55,18 +56,6 @@ def _check_tol(name: str, value) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return float(value)
-
-
-def _check_event_shape(event_shape) -> torch.Size:
-    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
-        event_shape = (event_shape,)
-    try:
-        shape = torch.Size(event_shape)
-    except TypeError as err:
-        raise TypeError(f"event_shape must be a tuple of positive ints, got {event_shape!r}") from err
-    if len(shape) == 0 or any(s <= 0 for s in shape):
-        raise ValueError(f"event_shape must be a non-empty tuple of positive ints, got {tuple(shape)}")
-    return shape
 
 
 def _check_context(context, context_shape, batch_shape) -> tuple[torch.Tensor | None, torch.Size, torch.Size]:
@@ -234,7 +223,7 @@ class ScoreSDEPrior(TorchDistribution):
         # one-entry memo of (value, version, batch_shape, log_prob), shared with expanded copies
         # (pyro.plate expands the prior at every call, so model and guide get different instances)
         self._cache: list = [None]
-        event_shape = _check_event_shape(event_shape)
+        event_shape = check_event_shape(event_shape)
         self.context, self.context_shape, batch_shape = _check_context(context, context_shape, batch_shape)
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
 
@@ -437,6 +426,15 @@ class ScoreSDEPrior(TorchDistribution):
         return cls(model, sde, event_shape, **{**saved, **options})
 
     # -- density ----------------------------------------------------------------
+    def _prepare_value(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Size, torch.Size]:
+        """Validate ``value``, convert it to the model's dtype/device; its leading shape and the result shape."""
+        if self._validate_args:
+            self._validate_sample(value)
+        dtype, device = model_dtype_device(self.score_model, value)
+        x = value.to(dtype=dtype, device=device)
+        lead = x.shape[: x.dim() - len(self.event_shape)]
+        return x, lead, torch.broadcast_shapes(lead, self.batch_shape)
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         r""":math:`\log p_\epsilon(value)` from the probability-flow ODE, shape ``value.shape[:-event_dim]``
         broadcast with ``batch_shape``.
@@ -456,13 +454,7 @@ class ScoreSDEPrior(TorchDistribution):
             and not wants_grad
         ):
             return cache[3]
-        if self._validate_args:
-            self._validate_sample(value)
-        dtype, device = model_dtype_device(self.score_model, value)
-        k = len(self.event_shape)
-        x = value.to(dtype=dtype, device=device)
-        lead = x.shape[: x.dim() - k]
-        out_shape = torch.broadcast_shapes(lead, self.batch_shape)
+        x, lead, out_shape = self._prepare_value(value)
         if self.context is not None and out_shape != lead:  # each point meets its own context
             x, lead = x.expand(out_shape + self.event_shape), out_shape
         x_T, integral = self._flow_solve(x.reshape(-1, self.event_dim_size), self.sde.eps, self.sde.T, lead)
@@ -499,13 +491,8 @@ class ScoreSDEPrior(TorchDistribution):
         from .training import TimeSampler
 
         num_samples = _check_int("num_samples", num_samples)
-        if self._validate_args:
-            self._validate_sample(value)
-        dtype, device = model_dtype_device(self.score_model, value)
-        k = len(self.event_shape)
-        x = value.to(dtype=dtype, device=device)
-        lead = x.shape[: x.dim() - k]
-        out_shape = torch.broadcast_shapes(lead, self.batch_shape)
+        x, _, out_shape = self._prepare_value(value)
+        dtype, device = x.dtype, x.device
         x = x.expand(out_shape + self.event_shape).reshape(-1, self.event_dim_size)
         n, d = x.shape
         sde = self.sde

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_event_shape
 from .sde import ForwardSDE, _broadcast_time
 
 __all__ = ["ScoreNet"]
@@ -244,7 +245,7 @@ class ScoreNet(nn.Module):
         if not isinstance(sde, ForwardSDE):
             raise TypeError(f"sde must be a VPSDE, SubVPSDE or VESDE (a ForwardSDE), got {type(sde).__name__}")
         self.sde = sde
-        self.event_shape = _check_event_shape(event_shape)
+        self.event_shape = check_event_shape(event_shape)
         self._config = _check_config(
             hidden=hidden, num_layers=num_layers, embed_dim=embed_dim, channels=channels, groups=groups,
             num_classes=num_classes, context_dim=context_dim, data_std=data_std,
@@ -340,18 +341,6 @@ class ScoreNet(nn.Module):
         if context.shape[-1:] != (context_dim,) or context.dim() > 2 or context.shape[:-1] not in ((), (1,), (n,)):
             raise ValueError(f"context must have shape ({n}, {context_dim}), got {tuple(context.shape)}")
         return context.to(self.cond_mlp[0].weight.dtype).expand(n, context_dim)
-
-
-def _check_event_shape(event_shape) -> torch.Size:
-    if isinstance(event_shape, numbers.Integral) and not isinstance(event_shape, bool):
-        event_shape = (event_shape,)
-    try:
-        shape = torch.Size(event_shape)
-    except TypeError as err:
-        raise ValueError(f"event_shape must be a tuple of positive ints, got {event_shape!r}") from err
-    if len(shape) == 0 or any(s <= 0 for s in shape):
-        raise ValueError(f"event_shape must be a non-empty tuple of positive ints, got {tuple(shape)}")
-    return shape
 
 
 def _check_config(**cfg) -> dict:
