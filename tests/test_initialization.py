@@ -48,3 +48,19 @@ def test_nuts_runs_with_it():
     mcmc = MCMC(NUTS(model, init_strategy=init_to_score_prior, max_tree_depth=2), num_samples=5, warmup_steps=5)
     mcmc.run()
     assert mcmc.get_samples()["x"].shape == (5, 2)
+
+
+def test_solver_failure_in_hmc_is_a_rejected_proposal():
+    """A SolverError raised while HMC/NUTS evaluates the potential becomes NaN energy (a divergent,
+    rejected proposal) through Pyro's exception-handler registry, not an exception."""
+    from pyro.ops.integrator import potential_grad
+
+    sde = VPSDE()
+    prior = ScoreSDEPrior(mixture_2d(sde), sde, (2,), max_num_steps=2)  # cannot finish a solve
+
+    def potential_fn(z):
+        return -prior.log_prob(z["x"])
+
+    grads, energy = potential_grad(potential_fn, {"x": torch.zeros(2, dtype=torch.float64)})
+    assert torch.isnan(energy)
+    assert torch.equal(grads["x"], torch.zeros(2, dtype=torch.float64))
