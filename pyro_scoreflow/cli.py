@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--validation-fraction", type=float, metavar="F", default=0.1, help="fraction held out for validation"
     )
-    train.add_argument("--device", default="cpu", metavar="DEVICE", help="torch device to train on")
+    train.add_argument(
+        "--device", default=None, metavar="DEVICE",
+        help="torch device to train on (default: cpu; under torchrun with CUDA: cuda:$LOCAL_RANK)",
+    )  # fmt: skip
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sample = sub.add_parser(
@@ -289,14 +292,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from . import datasets
     from . import sde as sde_module
     from .checkpoint import check_save_target, save_checkpoint
+    from .distributed import is_main_process, world_size
     from .distribution import ScoreSDEPrior
     from .networks import ScoreNet
     from .training import fit
 
+    main = is_main_process()  # under torchrun: rank 0 alone prints and writes the checkpoint
+    say = print if main else (lambda *args, **kwargs: None)
     if not 0 <= args.validation_fraction < 1:
         raise ValueError(f"--validation-fraction must lie in [0, 1), got {args.validation_fraction}")
     check_save_target(args.output_dir)  # fail before training, not after
-    device = _device(args.device)
+    device = None if args.device is None else _device(args.device)
     if args.data in datasets.names():
         data = datasets.load(args.data, args.num_data, seed=args.seed, split=args.split)
         source = {"dataset": args.data, "split": args.split, "seed": args.seed}
@@ -315,12 +321,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     validation, train = data[perm[:n_val]], data[perm[n_val:]]
     rms = float(data.double().pow(2).mean().sqrt())
     if not 0.05 < rms < 20:
-        print(f"warning: the data's RMS is {rms:.3g}; diffusion priors assume about unit scale: standardize first")
+        say(f"warning: the data's RMS is {rms:.3g}; diffusion priors assume about unit scale: standardize first")
 
     sde = getattr(sde_module, SDES[args.sde])()
     torch.manual_seed(args.seed)
     net = ScoreNet(sde, event_shape, hidden=args.hidden, num_layers=args.num_layers, embed_dim=args.embed_dim)
-    print(
+    say(
         f"training a {SDES[args.sde]} prior on {args.data} ({train.shape[0]} points, event shape {event_shape}), "
         f"{sum(p.numel() for p in net.parameters())} parameters, {args.steps} steps"
     )
@@ -330,6 +336,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed, validation_data=validation if n_val else None, progress=not args.quiet, device=device,
     )  # fmt: skip
     seconds = time.perf_counter() - start
+    if not main:
+        return
     history = net.fit_history
     last = history.loss[-max(1, len(history.loss) // 10) :]
     if not all(math.isfinite(v) for v in last) or not all(torch.isfinite(p).all() for p in net.parameters()):
@@ -340,7 +348,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             **source, "train_size": train.shape[0], "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "weighting": args.weighting, "seed": args.seed, "seconds": round(seconds, 1),
             "final_loss": sum(last) / len(last), "validation_loss": history.validation_loss,
-            "command": "pyro-scoreflow train",
+            "command": "pyro-scoreflow train", "world_size": world_size(),
         }
     }  # fmt: skip
     out = save_checkpoint(args.output_dir, net.cpu(), sde, event_shape, options, metadata=metadata)

@@ -141,3 +141,22 @@ def test_batch_size_must_divide_and_helpers_under_torchrun(two_processes):
         assert "batch_size (33) must be divisible by the number of processes (2)" in tensor_error
         assert "DataLoader's batch_size (9) must be divisible by the number of processes (2)" in loader_error
     assert output.count("| 0/20 [") == 1  # one progress bar (tqdm prints its start once): rank 0's
+
+
+@pytest.mark.slow
+def test_cli_train_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node=2 -m pyro_scoreflow train`: one rank prints and writes one loadable checkpoint."""
+    from pyro_scoreflow import ScoreSDEPrior
+
+    env = {k: v for k, v in os.environ.items() if k not in D.TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    out = tmp_path / "prior"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "pyro_scoreflow", "train", "moons",
+           "--output-dir", str(out), "--steps", "10", "--batch-size", "64", "--quiet"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("training a VPSDE prior") == 1  # rank 0 only
+    assert proc.stdout.count("saved ") == 1
+    prior = ScoreSDEPrior.from_pretrained(str(out))
+    assert prior.sample((3,)).shape == (3, 2)
