@@ -19,10 +19,18 @@ EXAMPLES_DIR = ROOT / "examples"
 
 EXAMPLES = [
     "quickstart.py --smoke",
+    "digits_inverse_problems.py --smoke",
+    "likelihoods.py --smoke",
+    "hierarchical.py --smoke",
+    "latent_space.py --smoke",
 ]
 
 OUTPUTS = {
     "quickstart.py": ["quickstart.png"],
+    "digits_inverse_problems.py": ["digits_inverse_problems.png"],
+    "likelihoods.py": ["likelihoods_digits.png", "likelihoods_moons.png"],
+    "hierarchical.py": ["hierarchical.png"],
+    "latent_space.py": ["latent_space.png"],
 }
 
 
