@@ -13,10 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-MISSING = [name for name in ("sphinx", "myst_parser", "furo") if importlib.util.find_spec(name) is None]
+HAS_SPHINX = importlib.util.find_spec("sphinx") is not None
 
 
-@pytest.mark.skipif(bool(MISSING), reason=f"docs build needs {', '.join(MISSING)}: pip install -e '.[test]'")
+# Only a missing Sphinx skips: with Sphinx present, a missing extension (myst-parser, furo) is a
+# broken docs environment and fails the build with Sphinx's own message.
+@pytest.mark.skipif(not HAS_SPHINX, reason="the docs build needs Sphinx: pip install -e '.[test]' (or '.[docs]')")
 def test_docs_build_without_warnings(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
