@@ -51,16 +51,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pyro_scoreflow import ScoreSDEPrior, datasets  # noqa: E402
-from pyro_scoreflow.datasets import DIGITS_TRAIN_SIZE  # noqa: E402
 
 DIM = 64
+TRAIN_SIZE = 1500  # split "train" is the first 1500 of scikit-learn's 1797 digits, "test" the rest
 
 
 def test_labels() -> torch.Tensor:
     """Class labels of the digits test split (scikit-learn ships the data set: no download)."""
     from sklearn.datasets import load_digits
 
-    return torch.as_tensor(load_digits().target[DIGITS_TRAIN_SIZE:])
+    return torch.as_tensor(load_digits().target[TRAIN_SIZE:])
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
