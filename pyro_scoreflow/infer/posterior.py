@@ -133,6 +133,9 @@ class DiffusionPosterior:
     :param str site: the name of the ``ScoreSDEPrior`` site; the only one when ``None``.
     :param int num_steps: Euler–Maruyama steps; the prior's ``num_steps`` when ``None``.
     :param float guidance_scale: :math:`\zeta \ge 0`; 0 samples the prior.
+    :param clip_denoised: ``(low, high)``: clamp the Tweedie estimate :math:`\hat x_0` into the data's
+        range (e.g. ``(-1, 1)`` for the digits prior), which tames a learned score's errors near
+        :math:`T`, where :math:`\hat x_0` divides them by :math:`\alpha_T \approx 0.0066`.
     :param float guidance_clip: :math:`\kappa`: cap the guidance term's norm per particle at
         :math:`\kappa\sqrt{D}/\sigma_t`; ``None`` disables the cap.
     :param int corrector_steps: Langevin corrector steps per time step.
@@ -153,6 +156,7 @@ class DiffusionPosterior:
         num_steps: int | None = None,
         guidance_scale: float = 1.0,
         guidance_clip: float | None = 3.0,
+        clip_denoised: tuple[float, float] | None = None,
         corrector_steps: int = 0,
         snr: float = 0.16,
         batch_size: int | None = None,
@@ -175,6 +179,14 @@ class DiffusionPosterior:
         self.guidance_clip = (
             None if guidance_clip is None else _check_real("guidance_clip", guidance_clip, positive=True)
         )
+        if clip_denoised is not None:
+            if not (isinstance(clip_denoised, (tuple, list)) and len(clip_denoised) == 2):
+                raise TypeError(f"clip_denoised must be a pair (low, high) or None, got {clip_denoised!r}")
+            low, high = (float(v) for v in clip_denoised)
+            if not low < high:
+                raise ValueError(f"clip_denoised must have low < high, got {clip_denoised!r}")
+            clip_denoised = (low, high)
+        self.clip_denoised = clip_denoised
         self.corrector_steps = _check_int("corrector_steps", corrector_steps, 0)
         self.snr = _check_real("snr", snr, positive=True)
         self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
@@ -249,12 +261,12 @@ class DiffusionPosterior:
 
     def _guided_score(self, field: ScoreField, guide, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r""":math:`s_\theta(x, t) + \zeta \nabla_x \log \hat p_t(y \mid x)` for flat ``x`` ``(B, D)``."""
-        if self.guidance_scale == 0:
-            return field(x, t)
         alpha, sigma = field.sde.marginal(t)
+        if self.guidance_scale == 0:
+            return self._clipped(field(x, t), x, alpha, sigma)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            s = field(xg, t)
+            s = self._clipped(field(xg, t), xg, alpha, sigma)
             x0 = (xg + sigma**2 * s) / alpha
             log_lik = guide(x0.reshape((x.shape[0],) + tuple(field.event_shape)), alpha, sigma)
             if log_lik.requires_grad:
@@ -272,6 +284,15 @@ class DiffusionPosterior:
             norm = guide_term.norm(dim=-1, keepdim=True)
             guide_term = guide_term * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
         return s.detach() + guide_term
+
+    def _clipped(self, s: torch.Tensor, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        r"""With ``clip_denoised = (a, b)``: the score whose Tweedie estimate is clamped into the data's range,
+        :math:`s' = (\alpha\,\mathrm{clamp}(\hat x_0, a, b) - x)/\sigma^2` (:math:`E[x_0 \mid x_t]` lies in the
+        box whenever the data do, so only scores that are certainly wrong change)."""
+        if self.clip_denoised is None:
+            return s
+        x0 = ((x + sigma**2 * s) / alpha).clamp(*self.clip_denoised)
+        return (alpha * x0 - x) / sigma**2
 
     def _sample_chunk(self, prior: ScoreSDEPrior, guide, n: int, num_steps: int) -> torch.Tensor:
         sde = prior.sde
