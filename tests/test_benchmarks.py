@@ -1,0 +1,22 @@
+"""The benchmark suite's --quick mode runs end to end (a smoke test: benchmarks measure, never assert)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_benchmark_suite_quick_mode_runs():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for heading in ("log_prob accuracy", "Accuracy per cost", "Few-step sampling", "Training throughput"):
+        assert heading in proc.stdout, heading
