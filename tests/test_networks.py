@@ -9,15 +9,6 @@ from pyro_scoreflow.networks import ScoreNet
 SMALL = {"hidden": 32, "num_layers": 2, "embed_dim": 16, "channels": (8, 16), "groups": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks run faster on one thread, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomized(net: ScoreNet, scale: float = 0.2) -> ScoreNet:
     """Non-trivial weights (the output layer starts at zero, so a fresh net returns 0)."""
     gen = torch.Generator().manual_seed(1)

@@ -16,15 +16,6 @@ SDES = [VPSDE(), SubVPSDE(), VESDE()]
 SDE_IDS = ["vp", "subvp", "ve"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks train several times faster on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(sde=None, event_shape=(2,), seed=0, **kwargs):
     torch.manual_seed(seed)
     return ScoreNet(sde or VPSDE(), event_shape, **{**TINY, **kwargs})
