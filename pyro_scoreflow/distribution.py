@@ -18,6 +18,7 @@ from .dynamics import (
     ProbabilityFlowODE,
     ScoreField,
     SolverError,
+    log_normal_std,
     make_probes,
     model_dtype_device,
     solve_ode,
@@ -315,9 +316,7 @@ class ScoreSDEPrior(TorchDistribution):
 
     def _prior_log_prob(self, x_T: torch.Tensor) -> torch.Tensor:
         r""":math:`\log p_T(x_T)` for flat ``x_T`` ``(N, D)``."""
-        std = self.sde.prior_std()
-        d = x_T.shape[-1]
-        return -0.5 * (x_T**2).sum(-1) / std**2 - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
+        return log_normal_std(x_T, self.sde.prior_std())
 
     def _draw_prior(self, n: int) -> torch.Tensor:
         dtype, device = model_dtype_device(self.score_model)
@@ -513,12 +512,12 @@ class ScoreSDEPrior(TorchDistribution):
         alpha, sigma = sde.marginal(t)
         alpha, sigma = alpha.unsqueeze(-1), sigma.unsqueeze(-1)
         xs = x.repeat_interleave(half, 0)
+        field = self._field(torch.Size([n * half]) if self.context is None else out_shape, dtype, device)
+        if self.context is not None:  # one context row per point, repeated for its times
+            field.context = field.context.repeat_interleave(half, 0)
         terms = []
         for sign in (1.0, -1.0):
             x_t = alpha * xs + sign * sigma * z
-            field = self._field(torch.Size([n * half]) if self.context is None else out_shape, dtype, device)
-            if self.context is not None:
-                field.context = field.context.repeat_interleave(half, 0)
             score = field(x_t, t)
             terms.append((sigma * score + sign * z).pow(2).sum(-1) - z.pow(2).sum(-1))
         integrand = 0.5 * (terms[0] + terms[1])  # antithetic average, (n * half,)

@@ -37,6 +37,7 @@ __all__ = [
     "solve_ode",
     "per_point_norm",
     "model_dtype_device",
+    "log_normal_std",
 ]
 
 ADAPTIVE_ODE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
@@ -143,13 +144,13 @@ class ReverseTimeSDE(nn.Module):
 
     def f(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # torchsde evaluates f(t0, y0) once to check shapes, then again in the first step: memoise
-        key = (float(tau), y)
-        if self._last is not None and self._last[0][0] == key[0] and self._last[0][1] is y:
-            return self._last[1]
+        last = self._last
+        if last is not None and last[1] is y and last[0] == float(tau):
+            return last[2]
         t = self.field.sde.clamp_time(-tau.to(y.dtype))
         g2 = self.field.sde.diffusion(t) ** 2
         out = g2 * self.field(y, t) - self.field.sde.drift(y, t)
-        self._last = (key, out)
+        self._last = (float(tau), y, out)
         return out
 
     def g(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -327,10 +328,6 @@ def solve_ode(
     if not torch.isfinite(y1).all():
         raise SolverError(f"ODE solver '{method}' produced non-finite states integrating to t={t1:.6g}")
     return y1
-
-
-def fixed_step_size(t0: float, t1: float, num_steps: int) -> float:
-    return abs(t1 - t0) / num_steps
 
 
 def log_normal_std(x: torch.Tensor, std: float) -> torch.Tensor:
