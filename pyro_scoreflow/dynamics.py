@@ -264,12 +264,17 @@ def per_point_norm(num_points: int, augmented: bool = False) -> Callable[[torch.
     log-det accumulator) is held to the tolerance on its own, ``max(rms(x), |logdet|)``, so
     the log-density error is not diluted by the ``D`` state components. The norm of the
     batch is the maximum over points: an easy batch cannot let a hard point drift.
+
+    It is computed on detached tensors: step sizes are constants for autograd, so the
+    gradient of a solve is the exact derivative of the discrete map with the accepted steps
+    (what finite differences of a fixed-grid solve give), and backpropagation skips the
+    graph of the step-size controller (2-D, one point, log_prob + gradient: 117 -> 94 ms).
     """
 
     def norm(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.numel() == 0:
             return tensor.new_zeros(())
-        rows = tensor.reshape(num_points, -1)
+        rows = tensor.detach().reshape(num_points, -1)
         if augmented and rows.shape[1] > 1:
             state = rows[:, :-1].pow(2).mean(-1).sqrt()
             return torch.maximum(state, rows[:, -1].abs()).max()
