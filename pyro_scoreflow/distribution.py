@@ -12,6 +12,7 @@ from pyro.ops.integrator import register_exception_handler
 from torch.distributions import constraints
 
 from ._checks import check_event_shape
+from .compiled import CompiledFlow
 from .dynamics import (
     ADAPTIVE_ODE_METHODS,
     FIXED_ODE_METHODS,
@@ -150,6 +151,11 @@ class ScoreSDEPrior(TorchDistribution):
     :param float dpm_end_time: where ``"dpm-solver"`` stops (default 3e-3, or eps if larger).
     :param bool adjoint: use ``odeint_adjoint`` for gradients of ``log_prob`` (memory that does
         not grow with the number of steps; both solves run 10x tighter, ~1.6x the cost).
+    :param bool compile: evaluate ``log_prob``'s augmented field (score, drift and divergence) as one
+        ``torch.compile``-d graph (:mod:`pyro_scoreflow.compiled`): for latency-bound calls (one or a
+        few points, as in NUTS) it removes most of the per-evaluation Python overhead (2-D mixture,
+        one point, ``log_prob`` + gradient: see docs/benchmarks.md). The first call per input layout
+        compiles (seconds to tens of seconds); on failure it warns and runs eagerly. Default ``False``.
     :param bool denoise: apply Tweedie's denoising step after sampling.
     :param int hutchinson_seed: if given, Hutchinson probes are drawn from this seed, so two
         priors (or two calls) with the same seed give identical estimates for the same batch
@@ -184,6 +190,7 @@ class ScoreSDEPrior(TorchDistribution):
         dpm_order: int = 3,
         dpm_end_time: float | None = None,
         adjoint: bool = False,
+        compile: bool = False,  # noqa: A002 - the name torch uses
         denoise: bool = False,
         max_num_steps: int = 100_000,
         batch_shape: Sequence[int] = (),
@@ -218,12 +225,14 @@ class ScoreSDEPrior(TorchDistribution):
                 raise ValueError(f"dpm_end_time must lie in [eps, T) = [{sde.eps}, {sde.T}), got {dpm_end_time}")
         self.dpm_end_time = dpm_end_time
         self.adjoint = bool(adjoint)
+        self.compile = bool(compile)
         self.denoise = bool(denoise)
         self.max_num_steps = _check_int("max_num_steps", max_num_steps)
         self.last_nfe = 0
         # one-entry memo of (value, version, batch_shape, log_prob), shared with expanded copies
         # (pyro.plate expands the prior at every call, so model and guide get different instances)
         self._cache: list = [None]
+        self._compiled: dict = {}  # divergence -> CompiledFlow, shared with expanded copies
         event_shape = check_event_shape(event_shape)
         self.context, self.context_shape, batch_shape = _check_context(context, context_shape, batch_shape)
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
@@ -232,7 +241,7 @@ class ScoreSDEPrior(TorchDistribution):
     _OPTIONS = (
         "sampler", "num_steps", "sde_method", "ode_method", "rtol", "atol", "divergence",
         "hutchinson_samples", "hutchinson_probe", "hutchinson_seed", "dpm_order", "dpm_end_time", "adjoint",
-        "denoise", "max_num_steps",
+        "compile", "denoise", "max_num_steps",
     )  # fmt: skip
 
     @property
@@ -265,6 +274,7 @@ class ScoreSDEPrior(TorchDistribution):
             new.context = self.context.expand(batch_shape + self.context_shape)
         new.last_nfe = 0
         new._cache = self._cache
+        new._compiled = self._compiled
         super(ScoreSDEPrior, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -334,7 +344,13 @@ class ScoreSDEPrior(TorchDistribution):
             probes = make_probes(
                 self.hutchinson_probe, self.hutchinson_samples, n, self.event_dim_size, dtype, device, generator
             )
-        return ProbabilityFlowODE(field, self.divergence, probes)
+        compiled = None
+        if self.compile:
+            compiled = self._compiled.get(self.divergence)
+            if compiled is None:
+                compiled = CompiledFlow(self.score_model, self.sde, self.event_shape, self.divergence)
+                self._compiled[self.divergence] = compiled
+        return ProbabilityFlowODE(field, self.divergence, probes, compiled)
 
     def _flow_solve(self, x: torch.Tensor, t0: float, t1: float, lead: torch.Size | None = None):
         r"""Integrate flat states ``x`` ``(N, D)`` from ``t0`` to ``t1`` with the divergence.

@@ -25,6 +25,7 @@ import torch
 import torchdiffeq
 from torch import nn
 
+from .compiled import CompiledFlow
 from .sde import ForwardSDE
 
 __all__ = [
@@ -217,13 +218,22 @@ class ProbabilityFlowODE(nn.Module):
     :param ScoreField field: the score field.
     :param str divergence: ``"exact"``, ``"hutchinson"`` or ``None`` (plain ODE).
     :param probes: Hutchinson probes ``(S, N, D)``, fixed along the trajectory.
+    :param compiled: a :class:`~pyro_scoreflow.compiled.CompiledFlow` for the augmented field
+        (with ``divergence``); if it cannot compile, the field is evaluated eagerly.
     """
 
-    def __init__(self, field: ScoreField, divergence: str | None = None, probes: torch.Tensor | None = None):
+    def __init__(
+        self,
+        field: ScoreField,
+        divergence: str | None = None,
+        probes: torch.Tensor | None = None,
+        compiled: CompiledFlow | None = None,
+    ):
         super().__init__()
         self.field = field
         self.divergence = divergence
         self.probes = probes
+        self.compiled = compiled if divergence is not None else None
         model = field.score_model
         self._params = tuple(p for p in model.parameters()) if isinstance(model, nn.Module) else ()
 
@@ -241,6 +251,10 @@ class ProbabilityFlowODE(nn.Module):
             with torch.no_grad():
                 return self.field.probability_flow(state, t)
         create_graph = self._needs_graph(state)
+        if self.compiled is not None:
+            out = self._compiled_forward(t, state, create_graph)
+            if out is not None:
+                return out
         x = state[:, :-1]
         with torch.enable_grad():
             if not create_graph:
@@ -255,6 +269,25 @@ class ProbabilityFlowODE(nn.Module):
         if not create_graph:
             v, div = v.detach(), div.detach()
         return torch.cat([v, div.unsqueeze(-1)], dim=-1)
+
+    def _compiled_forward(self, t: torch.Tensor, state: torch.Tensor, create_graph: bool) -> torch.Tensor | None:
+        compiled = self.compiled
+        if not compiled.validated:  # one eager call checks the model's output shape and values
+            with torch.no_grad():
+                self.field(state[:, :-1].detach(), t)
+            compiled.validated = True
+        if create_graph:
+            out = compiled(t, state, self.probes, self.field.context)
+        else:
+            with torch.no_grad():
+                out = compiled(t, state.detach(), self.probes, self.field.context)
+        if out is None:
+            return None
+        augmented, finite = out
+        self.field.nfe += 1
+        if not finite:
+            raise RuntimeError(f"score model returned non-finite values (NaN or inf) at t={_fmt_time(t)}")
+        return augmented
 
 
 def per_point_norm(num_points: int, augmented: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
