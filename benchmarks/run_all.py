@@ -30,6 +30,7 @@ import datetime
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -200,7 +201,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", default="auto", help="torch threads: a number, or 'auto' (1 if cores are busy)")
     parser.add_argument("--note", default=None, help="a remark for the report header")
     parser.add_argument("--sections", default="1,2,3,4", help="comma-separated sections to run")
+    parser.add_argument(
+        "--keep-compile-cache",
+        action="store_true",
+        help="reuse torch.compile's on-disk cache (default: a fresh one, so compile times are real)",
+    )
     args = parser.parse_args(argv)
+    if not args.keep_compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # compile=True rows report their one-off compilation time: measure it from scratch, as on a fresh machine
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pyro_scoreflow_bench_inductor_")
     if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
         parser.error(f"--threads must be a positive integer or 'auto', got {args.threads!r}")
     suite = QUICK_SUITE if args.quick else FULL_SUITE
