@@ -17,15 +17,32 @@ support), :class:`CompiledFlow` warns once and the caller evaluates eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
 import torch
+from torch.distributions import Distribution
 from torch.func import vjp, vmap
 
 from .sde import ForwardSDE
 
 __all__ = ["CompiledFlow"]
+
+
+@contextlib.contextmanager
+def _keep_distribution_validation():
+    """Restore ``torch.distributions.Distribution``'s default ``validate_args`` afterwards.
+
+    torch's dynamo switches argument validation of all distributions off, process-wide, the first
+    time it compiles; without this, ``compile=True`` would silently turn off the value checks of
+    every Pyro distribution, this package's included.
+    """
+    saved = Distribution._validate_args
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(saved)
 
 
 class CompiledFlow:
@@ -46,7 +63,8 @@ class CompiledFlow:
         self.divergence = divergence
         self.failed: str | None = None
         self.validated = False  # set once an eager evaluation has checked the model's output
-        self._compiled = torch.compile(self._evaluate, dynamic=None)
+        with _keep_distribution_validation():
+            self._compiled = torch.compile(self._evaluate, dynamic=None)
 
     def _evaluate(self, t: torch.Tensor, state: torch.Tensor, probes: torch.Tensor | None, context):
         x = state[:, :-1]
@@ -75,7 +93,8 @@ class CompiledFlow:
         if self.failed is not None:
             return None
         try:
-            return self._compiled(t, state, probes, context)
+            with _keep_distribution_validation():
+                return self._compiled(t, state, probes, context)
         except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, the eager path reports real errors
             self.failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             warnings.warn(

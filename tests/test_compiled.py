@@ -39,6 +39,20 @@ def test_compiled_log_prob_and_gradient_match_eager_and_exact():
     assert (g_c.double() - g_exact).abs().max() < 2e-2
 
 
+def test_compiling_keeps_distribution_validation():
+    """torch's dynamo turns Distribution validation off process-wide when it first compiles; it must stay on."""
+    from torch.distributions import Distribution
+
+    sde = VPSDE()
+    prior = ScoreSDEPrior(mixture_2d(sde, torch.float32), sde, (2,), compile=True)
+    before = Distribution._validate_args
+    with torch.no_grad():
+        prior.log_prob(torch.zeros(2, 2))
+    assert Distribution._validate_args == before
+    with pytest.raises(ValueError, match="event shape"):
+        ScoreSDEPrior(mixture_2d(sde), sde, (2,)).log_prob(torch.zeros(3))
+
+
 def test_compiled_hutchinson_with_seed_matches_eager():
     sde = VPSDE()
     score = mixture_2d(sde, torch.float32)
