@@ -413,9 +413,9 @@ def target_high_dim(sde, n: int, probes: tuple, repeats: int, tol: float, out: l
         f"{compile_seconds:.1f} s for the field and the log_prob graphs) against `divergence_loop` (64 separate "
         "backward passes, the baselines' approach), for one field evaluation and for a whole `log_prob` (same "
         "solver; the loop is swapped in for this measurement only); interleaved, median of "
-        f"{max(3, repeats)} / {repeats}, at {' and '.join(str(k) for k in thread_counts)} torch thread(s) (torch's "
-        f"default here is {os.cpu_count()}, one per core). Speed-ups compare the same thread count; across thread "
-        f"counts (each at its fastest) ours is {fmt_r(field_across)}x (field) and {fmt_r(lp_across)}x (log_prob) "
+        f"{max(3, repeats)} / {repeats}, at {' and '.join(str(k) for k in thread_counts)} torch thread(s) (without "
+        f"OMP_NUM_THREADS torch uses one per core: {os.cpu_count()} here). Speed-ups compare the same thread "
+        f"count; across thread counts (each at its fastest) ours is {fmt_r(field_across)}x (field) and {fmt_r(lp_across)}x (log_prob) "
         "faster than the loop.",
         "",
         table(["measurement", "score only (ms)", "batched (ms)", "compiled (ms)", "loop (ms)",
