@@ -415,8 +415,8 @@ def target_high_dim(sde, n: int, probes: tuple, repeats: int, tol: float, out: l
         "solver; the loop is swapped in for this measurement only); interleaved, median of "
         f"{max(3, repeats)} / {repeats}, at {' and '.join(str(k) for k in thread_counts)} torch thread(s) (without "
         f"OMP_NUM_THREADS torch uses one per core: {os.cpu_count()} here). Speed-ups compare the same thread "
-        f"count; across thread counts (each at its fastest) ours is {fmt_r(field_across)}x (field) and {fmt_r(lp_across)}x (log_prob) "
-        "faster than the loop.",
+        f"count; across thread counts (each at its fastest) ours is {fmt_r(field_across)}x (field) and "
+        f"{fmt_r(lp_across)}x (log_prob) faster than the loop.",
         "",
         table(["measurement", "score only (ms)", "batched (ms)", "compiled (ms)", "loop (ms)",
                "loop / batched", "loop / compiled", "max abs difference"], rows),  # fmt: skip
