@@ -358,6 +358,9 @@ class ScoreSDEPrior(TorchDistribution):
         ``lead`` is the (unflattened) layout of the N points, used to broadcast a context.
         Returns the end states and :math:`\int_{t_0}^{t_1} \nabla\cdot\tilde f\,dt` ``(N,)``.
         """
+        if torch.is_inference_mode_enabled():  # the divergence needs autograd, which inference mode forbids
+            with torch.inference_mode(False), torch.no_grad():
+                return self._flow_solve(x.clone(), t0, t1, lead)
         n = x.shape[0]
         if n == 0:
             return x, x.new_zeros(0)
@@ -418,7 +421,8 @@ class ScoreSDEPrior(TorchDistribution):
             x, integral = self._flow_solve(x_T, self.sde.T, self.sde.eps, batch)
             lp = self._prior_log_prob(x_T) - integral
         x, lp = x.reshape(shape), lp.reshape(batch)
-        self._cache[0] = (x, x._version, self.batch_shape, lp)
+        if not x.is_inference():
+            self._cache[0] = (x, x._version, self.batch_shape, lp)
         return x, lp
 
     # -- checkpoints --------------------------------------------------------------
@@ -476,7 +480,7 @@ class ScoreSDEPrior(TorchDistribution):
         lp = (self._prior_log_prob(x_T) + integral).reshape(lead)
         if out_shape != lead:
             lp = lp.expand(out_shape)
-        if not lp.requires_grad:
+        if not lp.requires_grad and not value.is_inference():  # inference tensors have no version counter
             self._cache[0] = (value, value._version, self.batch_shape, lp)
         return lp
 

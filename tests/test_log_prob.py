@@ -172,3 +172,18 @@ def test_hutchinson_reproducible_under_seed():
     pyro.set_rng_seed(3)
     b = prior.log_prob(x)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_log_prob_under_inference_mode():
+    """torch.inference_mode() forbids autograd, which the divergence needs: log_prob still works, same values."""
+    sde = VPSDE()
+    score = mixture_2d(sde)
+    prior = ScoreSDEPrior(score, sde, (2,), rtol=1e-4, atol=1e-4)
+    x = score.marginal(sde.eps).sample((5,))
+    with torch.no_grad():
+        expected = prior.log_prob(x.clone())
+    with torch.inference_mode():
+        lp = prior.log_prob(x.clone())
+        _, lp_sampled = prior.sample_and_log_prob((3,))
+    torch.testing.assert_close(lp, expected)
+    assert lp_sampled.shape == (3,) and torch.isfinite(lp_sampled).all()
