@@ -497,3 +497,17 @@ def test_clip_denoised_on_shipped_digits_prior():
         DiffusionPosterior(model, 4, clip_denoised=(1, -1))
     with pytest.raises(TypeError, match="clip_denoised"):
         DiffusionPosterior(model, 4, clip_denoised=1.0)
+
+
+@pytest.mark.parametrize("guidance", ["dps", "pigdm"])
+def test_runs_under_inference_mode(prior, guidance):
+    """Guidance gradients need autograd; under torch.inference_mode() the samples are the same as without it."""
+    A, y = PROBLEMS["2d"]
+    samples = []
+    for inference in (False, True):
+        pyro.set_rng_seed(3)
+        with torch.inference_mode(inference):
+            samples.append(
+                DiffusionPosterior(model, 20, guidance, num_steps=10).run(prior, A, SIGMA, y).get_samples()["x"]
+            )
+    torch.testing.assert_close(samples[1], samples[0])

@@ -213,6 +213,9 @@ class DiffusionPosterior:
 
         Reproducible under ``pyro.set_rng_seed``: all randomness comes from torch's global RNG.
         """
+        if torch.is_inference_mode_enabled():  # guidance gradients need autograd, which inference mode forbids
+            with torch.inference_mode(False):
+                return self.run(*args, **kwargs)
         start = time.perf_counter()
         likelihood = ModelLikelihood(self.model, args, kwargs, self.site, self.max_plate_nesting)
         prior = likelihood.prior
