@@ -228,7 +228,7 @@ class ScoreSDEPrior(TorchDistribution):
         self.compile = bool(compile)
         self.denoise = bool(denoise)
         self.max_num_steps = _check_int("max_num_steps", max_num_steps)
-        self.last_nfe = 0
+        self._nfe = [0]  # score evaluations of the last solve, shared with expanded copies
         # one-entry memo of (value, version, batch_shape, log_prob), shared with expanded copies
         # (pyro.plate expands the prior at every call, so model and guide get different instances)
         self._cache: list = [None]
@@ -243,6 +243,12 @@ class ScoreSDEPrior(TorchDistribution):
         "hutchinson_samples", "hutchinson_probe", "hutchinson_seed", "dpm_order", "dpm_end_time", "adjoint",
         "compile", "denoise", "max_num_steps",
     )  # fmt: skip
+
+    @property
+    def last_nfe(self) -> int:
+        """Score evaluations of the most recent ``sample``/``log_prob`` solve by this prior or any copy
+        made by :meth:`expand` (``pyro.plate`` expands the prior at every call)."""
+        return self._nfe[0]
 
     @property
     def options(self) -> dict:
@@ -272,7 +278,7 @@ class ScoreSDEPrior(TorchDistribution):
         new.context = None
         if self.context is not None:
             new.context = self.context.expand(batch_shape + self.context_shape)
-        new.last_nfe = 0
+        new._nfe = self._nfe
         new._cache = self._cache
         new._compiled = self._compiled
         super(ScoreSDEPrior, new).__init__(batch_shape, self.event_shape, validate_args=False)
@@ -368,7 +374,7 @@ class ScoreSDEPrior(TorchDistribution):
         func = self._divergence_ode(field, n, x.dtype, x.device)
         y0 = torch.cat([x, x.new_zeros(n, 1)], dim=-1)
         y1 = solve_ode(func, y0, t0, t1, adjoint=self.adjoint, max_num_steps=self.max_num_steps, **self._ode_kwargs())
-        self.last_nfe = field.nfe
+        self._nfe[0] = field.nfe
         return y1[:, :-1], y1[:, -1]
 
     @property
@@ -398,7 +404,7 @@ class ScoreSDEPrior(TorchDistribution):
                 )
             if self.denoise and n > 0:
                 x = self._tweedie(field, x)
-        self.last_nfe = field.nfe
+        self._nfe[0] = field.nfe
         return x.reshape(shape)
 
     def _tweedie(self, field: ScoreField, x: torch.Tensor) -> torch.Tensor:

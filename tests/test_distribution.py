@@ -208,3 +208,17 @@ def test_repr_and_options(prior):
     assert prior.with_options(sampler="ode").sampler == "ode"
     assert prior.options["num_steps"] == 20
     assert math.prod(prior.event_shape) == prior.event_dim_size
+
+
+def test_last_nfe_is_reported_through_plates(prior):
+    """pyro.plate expands the prior at every call; the user's object still reports the solve's cost."""
+    x = torch.zeros(3, 2)
+
+    def model():
+        with pyro.plate("points", 3):
+            pyro.sample("x", prior, obs=x)
+
+    assert prior.last_nfe == 0
+    pyro.poutine.trace(model).get_trace().log_prob_sum()
+    assert prior.last_nfe > 10
+    assert prior.expand((3,)).last_nfe == prior.last_nfe
