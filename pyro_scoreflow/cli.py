@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--hutchinson-samples", type=_positive_int, metavar="K", default=None, help="probes per point"
     )
     log_prob.add_argument(
+        "--hutchinson-redraw",
+        action="store_true",
+        default=None,
+        help="fresh Hutchinson probes at every evaluation (unbiased, lower variance; see docs/math.md)",
+    )
+    log_prob.add_argument(
         "--rtol", type=_positive_float, metavar="RTOL", default=None, help="ODE rtol (default: the saved option)"
     )
     log_prob.add_argument(
@@ -413,7 +419,7 @@ def cmd_log_prob(args: argparse.Namespace) -> None:
     values = _load_npy(_npy_path(args.input, "INPUT.npy"))
     prior = _load_prior(
         args.checkpoint, args.device, divergence=args.divergence, hutchinson_samples=args.hutchinson_samples,
-        rtol=args.rtol, atol=args.atol,
+        hutchinson_redraw=args.hutchinson_redraw, rtol=args.rtol, atol=args.atol,
     )  # fmt: skip
     event_shape = tuple(prior.event_shape)
     if tuple(values.shape) == event_shape:

@@ -161,6 +161,13 @@ class ScoreSDEPrior(TorchDistribution):
         priors (or two calls) with the same seed give identical estimates for the same batch
         (e.g. so that prior terms cancel exactly in importance weights); ``None`` draws fresh
         probes from torch's RNG at every call.
+    :param bool hutchinson_redraw: draw fresh probes at every evaluation of the field instead of keeping
+        them fixed along the trajectory. Still unbiased (the trajectory does not depend on the probes), with
+        a variance that sums over evaluations instead of squaring a sum: 64-D, 200 points, the error std fell
+        from 30 to 12 nats with one probe and from 7.7 to 2.9 with 16 (docs/benchmarks.md, 2c); the log-det
+        column is then left out of the step-size control. The estimate is no longer a smooth function of
+        ``value`` (which probe meets which step changes with the steps), so keep the default ``False`` for
+        HMC/NUTS; use it to report likelihoods. Not with ``adjoint=True``.
     :param int max_num_steps: step budget of adaptive solvers before raising.
     :param torch.Tensor context: for a conditional score model ``score_model(x, t, context)``:
         the context, shaped ``(*batch, *context_shape)``; usually set by
@@ -187,6 +194,7 @@ class ScoreSDEPrior(TorchDistribution):
         hutchinson_samples: int = 1,
         hutchinson_probe: str = "rademacher",
         hutchinson_seed: int | None = None,
+        hutchinson_redraw: bool = False,
         dpm_order: int = 3,
         dpm_end_time: float | None = None,
         adjoint: bool = False,
@@ -216,6 +224,7 @@ class ScoreSDEPrior(TorchDistribution):
         if hutchinson_seed is not None:
             hutchinson_seed = _check_int("hutchinson_seed", hutchinson_seed, minimum=0)
         self.hutchinson_seed = hutchinson_seed
+        self.hutchinson_redraw = bool(hutchinson_redraw)
         self.dpm_order = _check_int("dpm_order", dpm_order)
         if self.dpm_order > 3:
             raise ValueError(f"dpm_order must be 1, 2 or 3, got {dpm_order}")
@@ -225,6 +234,11 @@ class ScoreSDEPrior(TorchDistribution):
                 raise ValueError(f"dpm_end_time must lie in [eps, T) = [{sde.eps}, {sde.T}), got {dpm_end_time}")
         self.dpm_end_time = dpm_end_time
         self.adjoint = bool(adjoint)
+        if self.adjoint and self.hutchinson_redraw:
+            raise ValueError(
+                "hutchinson_redraw=True cannot be combined with adjoint=True: the adjoint's backward solve "
+                "re-evaluates the field, and would see other probes than the forward solve"
+            )
         self.compile = bool(compile)
         self.denoise = bool(denoise)
         self.max_num_steps = _check_int("max_num_steps", max_num_steps)
@@ -240,8 +254,8 @@ class ScoreSDEPrior(TorchDistribution):
     # -- Pyro / torch.distributions plumbing --------------------------------
     _OPTIONS = (
         "sampler", "num_steps", "sde_method", "ode_method", "rtol", "atol", "divergence",
-        "hutchinson_samples", "hutchinson_probe", "hutchinson_seed", "dpm_order", "dpm_end_time", "adjoint",
-        "compile", "denoise", "max_num_steps",
+        "hutchinson_samples", "hutchinson_probe", "hutchinson_seed", "hutchinson_redraw", "dpm_order",
+        "dpm_end_time", "adjoint", "compile", "denoise", "max_num_steps",
     )  # fmt: skip
 
     @property
@@ -342,21 +356,26 @@ class ScoreSDEPrior(TorchDistribution):
         return dict(method=self.ode_method, rtol=self.rtol, atol=self.atol, num_steps=self.num_steps)
 
     def _divergence_ode(self, field: ScoreField, n: int, dtype, device) -> ProbabilityFlowODE:
-        probes = None
+        probes = draw_probes = None
         if self.divergence == "hutchinson":
             generator = None
             if self.hutchinson_seed is not None:
                 generator = torch.Generator(device=device).manual_seed(self.hutchinson_seed)
-            probes = make_probes(
-                self.hutchinson_probe, self.hutchinson_samples, n, self.event_dim_size, dtype, device, generator
-            )
+
+            def draw_probes():
+                return make_probes(
+                    self.hutchinson_probe, self.hutchinson_samples, n, self.event_dim_size, dtype, device, generator
+                )
+
+            if not self.hutchinson_redraw:  # one draw, fixed along the trajectory
+                probes, draw_probes = draw_probes(), None
         compiled = None
         if self.compile:
             compiled = self._compiled.get(self.divergence)
             if compiled is None:
                 compiled = CompiledFlow(self.score_model, self.sde, self.event_shape, self.divergence)
                 self._compiled[self.divergence] = compiled
-        return ProbabilityFlowODE(field, self.divergence, probes, compiled)
+        return ProbabilityFlowODE(field, self.divergence, probes, compiled, draw_probes)
 
     def _flow_solve(self, x: torch.Tensor, t0: float, t1: float, lead: torch.Size | None = None):
         r"""Integrate flat states ``x`` ``(N, D)`` from ``t0`` to ``t1`` with the divergence.

@@ -220,6 +220,12 @@ class ProbabilityFlowODE(nn.Module):
     :param probes: Hutchinson probes ``(S, N, D)``, fixed along the trajectory.
     :param compiled: a :class:`~pyro_scoreflow.compiled.CompiledFlow` for the augmented field
         (with ``divergence``); if it cannot compile, the field is evaluated eagerly.
+    :param draw_probes: for ``"hutchinson"``: a callable returning fresh probes ``(S, N, D)``, called
+        at every evaluation instead of keeping ``probes`` fixed. The state's trajectory does not depend on
+        the probes, so each evaluation's estimate is independent and unbiased and the integral of their
+        quadrature is too; its variance is a sum over evaluations instead of the square of a sum.
+        The log-det column then carries estimator noise, so it is left out of the step-size control
+        (``logdet_controlled`` is ``False``).
     """
 
     def __init__(
@@ -228,12 +234,15 @@ class ProbabilityFlowODE(nn.Module):
         divergence: str | None = None,
         probes: torch.Tensor | None = None,
         compiled: CompiledFlow | None = None,
+        draw_probes: Callable[[], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.field = field
         self.divergence = divergence
         self.probes = probes
         self.compiled = compiled if divergence is not None else None
+        self.draw_probes = draw_probes if divergence == "hutchinson" else None
+        self.logdet_controlled = divergence is not None and self.draw_probes is None
         model = field.score_model
         self._params = tuple(p for p in model.parameters()) if isinstance(model, nn.Module) else ()
 
@@ -251,6 +260,8 @@ class ProbabilityFlowODE(nn.Module):
             with torch.no_grad():
                 return self.field.probability_flow(state, t)
         create_graph = self._needs_graph(state)
+        if self.draw_probes is not None:
+            self.probes = self.draw_probes()
         if self.compiled is not None:
             out = self._compiled_forward(t, state, create_graph)
             if out is not None:
@@ -290,13 +301,16 @@ class ProbabilityFlowODE(nn.Module):
         return augmented
 
 
-def per_point_norm(num_points: int, augmented: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+def per_point_norm(
+    num_points: int, augmented: bool = False, control_logdet: bool = True
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A torchdiffeq error norm that holds the tolerance for every point of a batch.
 
     Each point's error is the RMS over its state; with ``augmented`` the last column (the
     log-det accumulator) is held to the tolerance on its own, ``max(rms(x), |logdet|)``, so
-    the log-density error is not diluted by the ``D`` state components. The norm of the
-    batch is the maximum over points: an easy batch cannot let a hard point drift.
+    the log-density error is not diluted by the ``D`` state components; with
+    ``control_logdet=False`` that column is ignored (it carries redrawn Hutchinson noise). The norm
+    of the batch is the maximum over points: an easy batch cannot let a hard point drift.
 
     It is computed on detached tensors: step sizes are constants for autograd, so the
     gradient of a solve is the exact derivative of the discrete map with the accepted steps
@@ -308,7 +322,9 @@ def per_point_norm(num_points: int, augmented: bool = False) -> Callable[[torch.
         if tensor.numel() == 0:
             return tensor.new_zeros(())
         rows = tensor.detach().reshape(num_points, -1)
-        if augmented and rows.shape[1] > 1:
+        if augmented and not control_logdet:
+            rows = rows[:, :-1]
+        elif augmented and rows.shape[1] > 1:
             state = rows[:, :-1].pow(2).mean(-1).sqrt()
             return torch.maximum(state, rows[:, -1].abs()).max()
         return rows.pow(2).mean(-1).sqrt().max()
@@ -339,7 +355,8 @@ def solve_ode(
     if method in FIXED_ODE_METHODS:
         options = {"step_size": abs(t1 - t0) / num_steps}
     else:
-        options = {"norm": per_point_norm(n, func.divergence is not None), "max_num_steps": max_num_steps}
+        norm = per_point_norm(n, func.divergence is not None, control_logdet=func.logdet_controlled)
+        options = {"norm": norm, "max_num_steps": max_num_steps}
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
     try:
         if adjoint:

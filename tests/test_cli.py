@@ -99,6 +99,9 @@ def test_log_prob_prints_mean_log_p_and_bits_per_dim(trained, tmp_path, capsys):
     assert bits == pytest.approx(-mean / (2 * math.log(2)), abs=1e-3)
     assert main(["log-prob", str(trained), str(points), "--divergence", "hutchinson", "--rtol", "1e-3"]) == 0
     assert "hutchinson divergence" in capsys.readouterr().out
+    args = ["log-prob", str(trained), str(points), "--divergence", "hutchinson", "--hutchinson-redraw"]
+    assert main(args + ["--rtol", "1e-3"]) == 0
+    assert "hutchinson divergence" in capsys.readouterr().out
 
 
 def test_demo_smoke(tmp_path, capsys):

@@ -62,17 +62,19 @@ def test_compiling_keeps_distribution_validation():
 
 
 @needs_compiler
-def test_compiled_hutchinson_with_seed_matches_eager():
+@pytest.mark.parametrize("redraw", [False, True])
+def test_compiled_hutchinson_with_seed_matches_eager(redraw):
     sde = VPSDE()
     score = mixture_2d(sde, torch.float32)
     x = score.marginal(sde.eps).sample((4,))
-    opts = dict(divergence="hutchinson", hutchinson_samples=2, hutchinson_seed=3)
+    opts = dict(divergence="hutchinson", hutchinson_samples=2, hutchinson_seed=3, hutchinson_redraw=redraw)
     eager = ScoreSDEPrior(score, sde, (2,), **opts)
     compiled = eager.with_options(compile=True)
     with torch.no_grad():
         lp_e, lp_c = eager.log_prob(x), compiled.log_prob(x)
     assert not compiled._compiled["hutchinson"].failed
-    torch.testing.assert_close(lp_c, lp_e, atol=1e-4, rtol=0)
+    # same probes; float32 round-off of two evaluation orders, larger with redrawn probes (noisier terms)
+    torch.testing.assert_close(lp_c, lp_e, atol=1e-3 if redraw else 1e-4, rtol=0)
 
 
 @needs_compiler

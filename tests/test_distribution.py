@@ -121,6 +121,7 @@ def test_validation_can_be_disabled():
         ({"divergence": "trace"}, ValueError, "divergence"),
         ({"hutchinson_samples": 0}, ValueError, "hutchinson_samples"),
         ({"hutchinson_probe": "sphere"}, ValueError, "hutchinson_probe"),
+        ({"hutchinson_redraw": True, "adjoint": True}, ValueError, "hutchinson_redraw"),
         ({"dpm_order": 4}, ValueError, "dpm_order"),
         ({"dpm_end_time": 1.5}, ValueError, "dpm_end_time"),
         ({"event_shape": ()}, ValueError, "event_shape"),

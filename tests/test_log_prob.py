@@ -187,3 +187,33 @@ def test_log_prob_under_inference_mode():
         _, lp_sampled = prior.sample_and_log_prob((3,))
     torch.testing.assert_close(lp, expected)
     assert lp_sampled.shape == (3,) and torch.isfinite(lp_sampled).all()
+
+
+def test_hutchinson_redraw_is_unbiased_with_lower_variance():
+    """Fresh probes at every evaluation: still unbiased (|mean| < 4 standard errors), and the error variance
+    sums over evaluations instead of squaring a sum (8-D: measured ~6x lower; demand 2x, far above the ~5%
+    sampling error of a variance from 800 estimates)."""
+    sde = VPSDE()
+    score = random_mixture(sde, K=3, D=8, seed=1)
+    x = score.marginal(sde.eps).sample((100,))
+    exact = ScoreSDEPrior(score, sde, (8,)).log_prob(x)
+    errs = {}
+    for redraw in (False, True):
+        hutch = ScoreSDEPrior(score, sde, (8,), divergence="hutchinson", hutchinson_redraw=redraw)
+        errs[redraw] = torch.cat([hutch.log_prob(x.clone()) - exact for _ in range(8)])
+    sem = errs[True].std() / errs[True].numel() ** 0.5
+    assert errs[True].mean().abs() < 4 * sem, (errs[True].mean(), sem)
+    assert errs[True].var() * 2 < errs[False].var(), (errs[True].var(), errs[False].var())
+
+
+def test_hutchinson_redraw_reproducible_under_seed():
+    sde = VPSDE()
+    score = random_mixture(sde, K=2, D=6)
+    x = score.marginal(sde.eps).sample((20,))
+
+    def run(seed):
+        prior = ScoreSDEPrior(score, sde, (6,), divergence="hutchinson", hutchinson_redraw=True, hutchinson_seed=seed)
+        return prior.log_prob(x.clone())
+
+    torch.testing.assert_close(run(4), run(4), rtol=0, atol=0)
+    assert (run(4) - run(5)).abs().max() > 1e-3
