@@ -34,9 +34,10 @@ __all__ = ["CompiledFlow"]
 def _keep_distribution_validation():
     """Restore ``torch.distributions.Distribution``'s default ``validate_args`` afterwards.
 
-    torch's dynamo switches argument validation of all distributions off, process-wide, the first
-    time it compiles; without this, ``compile=True`` would silently turn off the value checks of
-    every Pyro distribution, this package's included.
+    ``torch.compile`` switches argument validation of all distributions off, process-wide, the
+    first time it is called (dynamo's ``TorchPatcher``, once per process, when the compiled
+    function is created, not when it runs); without this, ``compile=True`` would silently turn
+    off the value checks of every Pyro distribution, this package's included.
     """
     saved = Distribution._validate_args
     try:
@@ -93,8 +94,7 @@ class CompiledFlow:
         if self.failed is not None:
             return None
         try:
-            with _keep_distribution_validation():
-                return self._compiled(t, state, probes, context)
+            return self._compiled(t, state, probes, context)
         except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, the eager path reports real errors
             self.failed = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             warnings.warn(
