@@ -179,6 +179,12 @@ def save_checkpoint(
     """
     config = _make_config(score_model, sde, event_shape, options, metadata)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in score_model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # refuse before touching the target: a diverged model must not replace a good checkpoint
+        raise ValueError(
+            f"refusing to save non-finite weights (NaN or inf in {', '.join(bad[:3])}"
+            f"{' and more' if len(bad) > 3 else ''}); {directory} is left as it was"
+        )
     target = Path(directory)
     if target.is_symlink():
         target = Path(os.path.realpath(target))

@@ -24,6 +24,7 @@ from .dynamics import (
     model_dtype_device,
     solve_ode,
 )
+from .memo import LogProbMemo
 from .samplers import SDE_METHODS, dpm_solver_sample, probability_flow_sample, reverse_sde_sample
 from .sde import ForwardSDE
 
@@ -243,9 +244,9 @@ class ScoreSDEPrior(TorchDistribution):
         self.denoise = bool(denoise)
         self.max_num_steps = _check_int("max_num_steps", max_num_steps)
         self._nfe = [0]  # score evaluations of the last solve, shared with expanded copies
-        # one-entry memo of (value, version, batch_shape, log_prob), shared with expanded copies
-        # (pyro.plate expands the prior at every call, so model and guide get different instances)
-        self._cache: list = [None]
+        # one-entry memo of log_prob, shared with expanded copies (pyro.plate expands the prior at
+        # every call, so model and guide get different instances); see pyro_scoreflow.memo
+        self._cache = LogProbMemo()
         self._compiled: dict = {}  # divergence -> CompiledFlow, shared with expanded copies
         event_shape = check_event_shape(event_shape)
         self.context, self.context_shape, batch_shape = _check_context(context, context_shape, batch_shape)
@@ -416,7 +417,7 @@ class ScoreSDEPrior(TorchDistribution):
             elif self.sampler == "sde":
                 x = reverse_sde_sample(field, x_T, num_steps=self.num_steps, method=self.sde_method)
             elif self.sampler == "ode":
-                x = probability_flow_sample(field, x_T, **self._ode_kwargs())
+                x = probability_flow_sample(field, x_T, max_num_steps=self.max_num_steps, **self._ode_kwargs())
             else:
                 x = dpm_solver_sample(
                     field, x_T, num_steps=self.num_steps, order=self.dpm_order, t_end=self.dpm_end_time
@@ -446,9 +447,22 @@ class ScoreSDEPrior(TorchDistribution):
             x, integral = self._flow_solve(x_T, self.sde.T, self.sde.eps, batch)
             lp = self._prior_log_prob(x_T) - integral
         x, lp = x.reshape(shape), lp.reshape(batch)
-        if not x.is_inference():
-            self._cache[0] = (x, x._version, self.batch_shape, lp)
+        self._cache.put(x, self.score_model, self.context, self._memo_key(), lp)
         return x, lp
+
+    def _builds_graph(self, value: torch.Tensor) -> bool:
+        """Whether ``log_prob(value)`` carries an autograd graph (then it is never served from the memo)."""
+        if not torch.is_grad_enabled():
+            return False
+        if value.requires_grad or (isinstance(self.context, torch.Tensor) and self.context.requires_grad):
+            return True
+        model = self.score_model
+        return isinstance(model, torch.nn.Module) and any(p.requires_grad for p in model.parameters())
+
+    def _memo_key(self) -> tuple:
+        """Everything besides the value, the model's weights and the context that ``log_prob`` depends on."""
+        sde = self.sde.config()
+        return (tuple(self.options.items()), sde["type"], tuple(sde["params"].items()))
 
     # -- checkpoints --------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
@@ -483,30 +497,27 @@ class ScoreSDEPrior(TorchDistribution):
         r""":math:`\log p_\epsilon(value)` from the probability-flow ODE, shape ``value.shape[:-event_dim]``
         broadcast with ``batch_shape``.
 
-        The last result is remembered by tensor identity (when it carries no autograd graph): the
-        log density of a tensor just returned by :meth:`sample_and_log_prob`, or evaluated twice (a
-        model and a guide sharing this prior under ``Importance``), is the same number, so prior
-        terms cancel exactly even with Hutchinson's estimator.
+        The last result is remembered (when it carries no autograd graph and the score model is an
+        ``nn.Module``): the log density of a tensor just returned by :meth:`sample_and_log_prob`, or
+        evaluated twice (a model and a guide sharing this prior under ``Importance``), is the same
+        number, so prior terms cancel exactly even with Hutchinson's estimator. A hit needs the same
+        tensor with the same numbers, the same model weights, context, SDE and options
+        (:mod:`pyro_scoreflow.memo`), so an edit of any of them recomputes.
         """
-        cache = self._cache[0]
-        wants_grad = torch.is_grad_enabled() and value.requires_grad
-        if (
-            cache is not None
-            and value is cache[0]
-            and value._version == cache[1]
-            and cache[2] == self.batch_shape
-            and not wants_grad
-        ):
-            return cache[3]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"value must be a torch.Tensor, got {type(value).__name__}")
         x, lead, out_shape = self._prepare_value(value)
+        if not self._builds_graph(value):
+            cached = self._cache.get(value, self.score_model, self.context, self._memo_key())
+            if cached is not None and cached.shape == out_shape:
+                return cached
         if self.context is not None and out_shape != lead:  # each point meets its own context
             x, lead = x.expand(out_shape + self.event_shape), out_shape
         x_T, integral = self._flow_solve(x.reshape(-1, self.event_dim_size), self.sde.eps, self.sde.T, lead)
         lp = (self._prior_log_prob(x_T) + integral).reshape(lead)
         if out_shape != lead:
             lp = lp.expand(out_shape)
-        if not lp.requires_grad and not value.is_inference():  # inference tensors have no version counter
-            self._cache[0] = (value, value._version, self.batch_shape, lp)
+        self._cache.put(value, self.score_model, self.context, self._memo_key(), lp)
         return lp
 
     def log_prob_lower_bound(self, value: torch.Tensor, num_samples: int = 64) -> torch.Tensor:

@@ -74,13 +74,23 @@ def reverse_sde_sample(field: ScoreField, x_T: torch.Tensor, *, num_steps: int, 
 
 
 def probability_flow_sample(
-    field: ScoreField, x_T: torch.Tensor, *, method: str, rtol: float, atol: float, num_steps: int
+    field: ScoreField,
+    x_T: torch.Tensor,
+    *,
+    method: str,
+    rtol: float,
+    atol: float,
+    num_steps: int,
+    max_num_steps: int = 100_000,
 ) -> torch.Tensor:
-    r"""Integrate :math:`dx = [f - \tfrac12 g^2 s]\,dt` from :math:`T` to :math:`\epsilon` with torchdiffeq."""
+    r"""Integrate :math:`dx = [f - \tfrac12 g^2 s]\,dt` from :math:`T` to :math:`\epsilon` with torchdiffeq.
+
+    Adaptive methods stop with :class:`SolverError` after ``max_num_steps`` steps."""
     sde = field.sde
     return solve_ode(
-        ProbabilityFlowODE(field), x_T, sde.T, sde.eps, method=method, rtol=rtol, atol=atol, num_steps=num_steps
-    )
+        ProbabilityFlowODE(field), x_T, sde.T, sde.eps, method=method, rtol=rtol, atol=atol, num_steps=num_steps,
+        max_num_steps=max_num_steps,
+    )  # fmt: skip
 
 
 def log_snr_schedule(sde, num_steps: int, dtype, device, t_end: float | None = None) -> torch.Tensor:

@@ -79,7 +79,17 @@ from .dynamics import model_dtype_device
 from .networks import _check_positive_int, _check_positive_real
 from .sde import ForwardSDE, _broadcast_time
 
-__all__ = ["fit", "dsm_loss", "validation_loss", "train_step", "EMA", "FitHistory", "TimeSampler", "WEIGHTINGS"]
+__all__ = [
+    "fit",
+    "dsm_loss",
+    "validation_loss",
+    "train_step",
+    "EMA",
+    "FitHistory",
+    "TimeSampler",
+    "TrainingDivergedError",
+    "WEIGHTINGS",
+]
 
 WEIGHTINGS = ("score", "likelihood")
 _BISECTION_STEPS = 64
@@ -341,7 +351,17 @@ def fit(
         batches = _batch_iterator(data, context, batch_size, event_shape, dtype, device, group)
         first = next(batches)  # checks a DataLoader's first batch before training
         score_model.train()
-        _train(score_model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group)
+        initial = {k: v.detach().clone() for k, v in score_model.state_dict().items()}
+        try:
+            _train(score_model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group)
+        except TrainingDivergedError as err:
+            score_model.load_state_dict(initial)  # never hand back (or let anyone save) NaN weights
+            score_model.train(was_training)
+            scale = "" if isinstance(data, DataLoader) else f"; the data's largest |value| is {_max_abs(data):.3g}"
+            raise TrainingDivergedError(
+                f"{err}{scale}. Diffusion priors assume data of about unit scale (standardise it) and a moderate "
+                f"lr (now {lr:g}); the model's weights were restored to their values before fit"
+            ) from None
         score_model.eval()
         if validation_data is not None:
             history.validation_loss = validation_loss(
@@ -355,6 +375,14 @@ def fit(
     score_model.train(was_training)
     score_model.fit_history = history
     return score_model
+
+
+class TrainingDivergedError(ValueError):
+    """The training loss or the weights became non-finite (NaN or inf)."""
+
+
+def _max_abs(data: torch.Tensor) -> float:
+    return float(data.detach().abs().max()) if data.numel() else 0.0
 
 
 def _validation_log_prob(model, sde, data: torch.Tensor, context) -> float:
@@ -402,6 +430,11 @@ def _train(model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip,
                 dist.all_reduce(window)  # a sum: ReduceOp.AVG is NCCL-only
                 window /= group.world_size
             windows.append(window)
+            if not torch.isfinite(window).all():  # the same decision on every process (the window is all-reduced)
+                bar.close()
+                bad = int((~torch.isfinite(window)).nonzero()[0, 0])
+                at = step + 2 - window.numel() + bad  # 1-based
+                raise TrainingDivergedError(f"fit diverged: the training loss was {window[bad].item()} at step {at}")
             bar.set_postfix(loss=f"{window.mean().item():.4g}", refresh=False)
             bar.update(step + 1 - bar.n)
         if step + 1 < steps:
@@ -413,6 +446,9 @@ def _train(model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip,
     history.raw_state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if ema is not None:
         ema.copy_to(model)
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDivergedError(f"fit diverged: the weights {bad[:3]} became non-finite")
 
 
 @torch.no_grad()
