@@ -84,6 +84,10 @@ class ForwardSDE:
     def prior_std(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def inverse_log_snr(self, lam: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        r"""The time :math:`t` with :math:`\lambda(t) =` ``lam`` (closed form), see :meth:`log_snr`."""
+        raise NotImplementedError
+
     # -- shared -----------------------------------------------------------
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         r""":math:`f(x, t)`, shaped like ``x``; ``t`` is a scalar or of shape ``x.shape[:1]``."""
@@ -95,6 +99,52 @@ class ForwardSDE:
         if isinstance(t, torch.Tensor):
             return t.clamp(self.eps, self.T)
         return min(max(float(t), self.eps), self.T)
+
+    def log_snr(self, t) -> torch.Tensor:
+        r"""The half log signal-to-noise ratio :math:`\lambda(t) = \log\alpha(t) - \log\sigma(t)`, decreasing in
+        :math:`t`; the one convention of the package (the log-SNR :math:`\log(\alpha^2/\sigma^2)` of
+        Kingma et al. 2021 is :math:`2\lambda`). :meth:`inverse_log_snr` inverts it in closed form."""
+        alpha, sigma = self.marginal(_as_tensor(t))
+        return torch.log(alpha) - torch.log(sigma)
+
+    def denoise(self, x: torch.Tensor, score: torch.Tensor, t) -> torch.Tensor:
+        r"""Tweedie's formula :math:`E[x_0 \mid x_t] = (x_t + \sigma_t^2\, \nabla\log p_t(x_t))/\alpha_t`.
+
+        ``x`` and ``score`` are ``(N, ...)``; ``t`` a scalar or ``(N,)``."""
+        alpha, sigma = self.marginal(_as_tensor(t, x))
+        alpha, sigma = _broadcast_time(alpha, x), _broadcast_time(sigma, x)
+        return (x + sigma**2 * score) / alpha
+
+    def score_from_denoised(self, x: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
+        r"""The score whose Tweedie estimate is ``x0``: :math:`(\alpha_t \hat x_0 - x_t)/\sigma_t^2`
+        (inverse of :meth:`denoise`)."""
+        alpha, sigma = self.marginal(_as_tensor(t, x))
+        alpha, sigma = _broadcast_time(alpha, x), _broadcast_time(sigma, x)
+        return (alpha * x0 - x) / sigma**2
+
+    def transition(self, s, t) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The exact transition from time ``s`` to ``t > s``: :math:`x_t \mid x_s \sim
+        \mathcal N(a\,x_s, v^2 I)` with :math:`a = \alpha_t/\alpha_s` and :math:`v^2 = \sigma_t^2 - a^2\sigma_s^2`.
+
+        Returns ``(a, v)``. It is the discretisation of the SDE used by the reverse-diffusion predictor
+        and the transition density of sequential Monte Carlo."""
+        alpha_s, sigma_s = self.marginal(_as_tensor(s))
+        alpha_t, sigma_t = self.marginal(_as_tensor(t, alpha_s))
+        a = alpha_t / alpha_s
+        return a, (sigma_t**2 - a**2 * sigma_s**2).clamp_min(0).sqrt()
+
+    def corrector_step_factor(self, t, dt) -> torch.Tensor:
+        r"""The factor :math:`a_t` of the Langevin corrector's step size :math:`2 a_t (r\|z\|/\|s\|)^2`
+        (Song et al. 2021, Alg. 5): :math:`1 - \beta(t)\,\Delta t` (clamped at 0) for the VP and sub-VP
+        SDEs, 1 for the VE SDE."""
+        return torch.ones_like(_as_tensor(t))
+
+    def prior_log_prob(self, x: torch.Tensor, event_dim: int = 1) -> torch.Tensor:
+        r""":math:`\log \mathcal N(x; 0, \sigma_T^2 I)` of the prior, summed over the last ``event_dim`` dimensions."""
+        std = self.prior_std()
+        d = math.prod(x.shape[x.dim() - event_dim :])
+        sq = x.pow(2).flatten(x.dim() - event_dim).sum(-1) if event_dim else x.pow(2)
+        return -0.5 * sq / std**2 - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
 
     def prior(self, event_shape: Sequence[int] = (), *, dtype=None, device=None) -> TorchDistribution:
         r"""The reference distribution of :math:`x_T`: :math:`\mathcal{N}(0, \sigma_T^2 I)`.
@@ -145,6 +195,14 @@ class _BetaSchedule(ForwardSDE):
     def drift_coeff(self, t):
         return -0.5 * self.beta(_as_tensor(t))
 
+    def time_of_integrated_beta(self, b: torch.Tensor) -> torch.Tensor:
+        r"""The inverse of :math:`B(t)`: :math:`t = 2B / (\beta_0 + \sqrt{\beta_0^2 + 2(\beta_1 - \beta_0) B})`
+        (the stable root of the quadratic)."""
+        return 2 * b / (self.beta_min + (self.beta_min**2 + 2 * (self.beta_max - self.beta_min) * b).sqrt())
+
+    def corrector_step_factor(self, t, dt) -> torch.Tensor:
+        return (1 - self.beta(_as_tensor(t)) * dt).clamp_min(0)
+
     def _params(self) -> dict:
         return {"beta_min": self.beta_min, "beta_max": self.beta_max, "T": self.T, "eps": self.eps}
 
@@ -168,6 +226,10 @@ class VPSDE(_BetaSchedule):
         b = self.integrated_beta(_as_tensor(t))
         return torch.exp(-0.5 * b), (-torch.expm1(-b)).sqrt()
 
+    def inverse_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        r""":math:`e^{-2\lambda} = \sigma^2/\alpha^2 = e^{B} - 1`, so :math:`B = \log(1 + e^{-2\lambda})`."""
+        return self.time_of_integrated_beta(torch.nn.functional.softplus(-2 * _as_tensor(lam)))
+
     def prior_std(self) -> float:
         return 1.0
 
@@ -190,6 +252,10 @@ class SubVPSDE(_BetaSchedule):
     def marginal(self, t):
         b = self.integrated_beta(_as_tensor(t))
         return torch.exp(-0.5 * b), -torch.expm1(-b)
+
+    def inverse_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        r""":math:`e^{-\lambda} = \sigma/\alpha = 2\sinh(B/2)`, so :math:`B = 2\operatorname{asinh}(e^{-\lambda}/2)`."""
+        return self.time_of_integrated_beta(2 * torch.asinh(0.5 * torch.exp(-_as_tensor(lam))))
 
     def prior_std(self) -> float:
         return 1.0
@@ -239,6 +305,13 @@ class VESDE(ForwardSDE):
         # sigma_*(t)^2 - sigma_min^2 = sigma_min^2 * expm1(2 t log r / T), accurate as t -> 0
         std = self.sigma_min * torch.expm1(2.0 * t / self.T * self._log_ratio).sqrt()
         return torch.ones_like(t), std
+
+    def inverse_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sigma^2 = e^{-2\lambda} = \sigma_{min}^2 \operatorname{expm1}(2tL/T)` with
+        :math:`L = \log(\sigma_{max}/\sigma_{min})`, so
+        :math:`t = \tfrac{T}{2L}\log(1 + e^{-2\lambda}/\sigma_{min}^2)`."""
+        lam = _as_tensor(lam)
+        return self.T / (2 * self._log_ratio) * torch.nn.functional.softplus(-2 * lam - 2 * math.log(self.sigma_min))
 
     def prior_std(self) -> float:
         return math.sqrt(self.sigma_max**2 - self.sigma_min**2)

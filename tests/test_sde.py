@@ -98,3 +98,29 @@ def test_config_round_trip():
 
     for sde in [VPSDE(beta_max=15.0), SubVPSDE(eps=1e-3), VESDE(sigma_max=20.0, T=2.0)]:
         assert sde_from_config(sde.config()) == sde
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), VPSDE(beta_min=2.0, beta_max=2.0)], ids=repr)
+def test_log_snr_inverse_and_transition_are_exact(sde):
+    """The closed-form inverse of the half log-SNR and the exact transition kernel, against the marginals."""
+    t = torch.linspace(sde.eps, sde.T, 501, dtype=torch.float64)
+    lam = sde.log_snr(t)
+    assert (lam[1:] < lam[:-1]).all()
+    torch.testing.assert_close(sde.inverse_log_snr(lam), t, rtol=0, atol=1e-12)
+    a, v = sde.transition(t[:-1], t[1:])
+    alpha, sigma = sde.marginal(t)
+    torch.testing.assert_close(a * alpha[:-1], alpha[1:], rtol=1e-12, atol=0)
+    torch.testing.assert_close(a**2 * sigma[:-1] ** 2 + v**2, sigma[1:] ** 2, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=repr)
+def test_tweedie_denoiser_is_the_posterior_mean(sde):
+    """For data N(m, s^2 I): E[x_0 | x_t] = m + alpha s^2 (x_t - alpha m) / (alpha^2 s^2 + sigma^2)."""
+    m, s2 = 0.7, 0.2
+    t = torch.tensor([0.1, 0.5], dtype=torch.float64)
+    x = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    alpha, sigma = (v.unsqueeze(-1) for v in sde.marginal(t))
+    score = -(x - alpha * m) / (alpha**2 * s2 + sigma**2)
+    expected = m + alpha * s2 * (x - alpha * m) / (alpha**2 * s2 + sigma**2)
+    torch.testing.assert_close(sde.denoise(x, score, t), expected)
+    torch.testing.assert_close(sde.score_from_denoised(x, expected, t), score)
