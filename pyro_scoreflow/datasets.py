@@ -45,7 +45,6 @@ __all__ = ["load", "names", "event_shape"]
 
 SPLITS = ("train", "test", "all")
 DIGITS_TRAIN_SIZE = 1500
-DIGITS_SIZE = 1797
 DEFAULT_TOY_SAMPLES = 10_000
 _DIGITS_INSTALL_HINT = "the 'digits' data set needs scikit-learn: pip install pyro_scoreflow[digits]"
 

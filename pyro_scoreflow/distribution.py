@@ -11,7 +11,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.ops.integrator import register_exception_handler
 from torch.distributions import constraints
 
-from ._checks import check_event_shape
+from .checks import check_event_shape
 from .compiled import CompiledFlow
 from .dynamics import (
     ADAPTIVE_ODE_METHODS,

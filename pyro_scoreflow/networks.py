@@ -33,14 +33,13 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_event_shape
+from .checks import check_event_shape, check_int, check_optional, check_real
 from .sde import ForwardSDE, _broadcast_time
 
 __all__ = ["ScoreNet"]
@@ -51,20 +50,10 @@ _MIN_FREQUENCY = 0.05
 _MAX_FREQUENCY = 50.0
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_positive_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_optional_int(name: str, value) -> int | None:
-    return None if value is None else _check_positive_int(name, value)
+# Upper bounds on the architecture numbers, far above any CPU/GPU-sized prior: a config (e.g. a hostile
+# checkpoint's config.json) cannot make the constructor allocate without bound.
+_MAX_WIDTH = 2**15
+_MAX_LAYERS = 256
 
 
 class NoiseLevelEmbedding(nn.Module):
@@ -270,18 +259,14 @@ class ScoreNet(nn.Module):
         """The constructor's hyper-parameters (not ``sde``, not ``event_shape``), JSON-serialisable."""
         return {**self._config, "channels": list(self._config["channels"])}
 
-    @property
-    def is_conditional(self) -> bool:
-        return self.context_embed is not None
-
     def extra_repr(self) -> str:
         return f"sde={self.sde!r}, event_shape={tuple(self.event_shape)}, config={self.config}"
 
     # -- forward ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
         r"""The score :math:`-\epsilon_\theta(x, t)/\sigma(t)`, shaped like ``x``."""
-        eps, std = self._noise_and_std(x, t, context)
-        return -eps / _broadcast_time(std, eps)
+        noise, std = self._noise_and_std(x, t, context)
+        return -noise / _broadcast_time(std, noise)
 
     def predict_noise(self, x: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
         r"""The noise prediction :math:`\epsilon_\theta(x, t)`, shaped like ``x``."""
@@ -344,21 +329,23 @@ class ScoreNet(nn.Module):
 
 
 def _check_config(**cfg) -> dict:
-    for name in ("hidden", "num_layers", "embed_dim", "groups"):
-        cfg[name] = _check_positive_int(name, cfg[name])
-    for name in ("num_classes", "context_dim"):
-        cfg[name] = _check_optional_int(name, cfg[name])
+    cfg["hidden"] = check_int("hidden", cfg["hidden"], maximum=_MAX_WIDTH)
+    cfg["num_layers"] = check_int("num_layers", cfg["num_layers"], maximum=_MAX_LAYERS)
+    cfg["embed_dim"] = check_int("embed_dim", cfg["embed_dim"], maximum=_MAX_WIDTH)
+    cfg["groups"] = check_int("groups", cfg["groups"], maximum=_MAX_WIDTH)
+    cfg["num_classes"] = check_optional(check_int, "num_classes", cfg["num_classes"], maximum=2**20)
+    cfg["context_dim"] = check_optional(check_int, "context_dim", cfg["context_dim"], maximum=_MAX_WIDTH)
     if cfg["embed_dim"] % 2:
         raise ValueError(f"embed_dim must be even, got {cfg['embed_dim']}")
     if cfg["num_classes"] is not None and cfg["context_dim"] is not None:
         raise ValueError("give num_classes (integer labels) or context_dim (real vectors), not both")
     channels = cfg["channels"]
-    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or len(channels) == 0:
-        raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
-    cfg["channels"] = tuple(_check_positive_int("channels", c) for c in channels)
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not 1 <= len(channels) <= 8:
+        raise ValueError(f"channels must be a sequence of 1 to 8 positive ints, got {channels!r}")
+    cfg["channels"] = tuple(check_int("channels", c, maximum=_MAX_WIDTH) for c in channels)
     if any(c % cfg["groups"] for c in cfg["channels"]):
         raise ValueError(f"every entry of channels must be divisible by groups={cfg['groups']}, got {channels}")
-    cfg["data_std"] = _check_positive_real("data_std", cfg["data_std"])
+    cfg["data_std"] = check_real("data_std", cfg["data_std"], positive=True)
     return cfg
 
 

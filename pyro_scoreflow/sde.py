@@ -24,6 +24,8 @@ import torch
 from pyro.distributions import Normal
 from pyro.distributions.torch_distribution import TorchDistribution
 
+from .checks import check_real
+
 __all__ = ["ForwardSDE", "VPSDE", "SubVPSDE", "VESDE"]
 
 
@@ -35,15 +37,6 @@ def _as_tensor(t, like: torch.Tensor | None = None) -> torch.Tensor:
     if like is not None:
         return torch.as_tensor(t, dtype=like.dtype, device=like.device)
     return torch.as_tensor(t, dtype=torch.get_default_dtype())
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return value
 
 
 def _broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +59,8 @@ class ForwardSDE:
     """
 
     def __init__(self, T: float = 1.0, eps: float = 1e-5):
-        self.T = _check_positive("T", T)
-        self.eps = _check_positive("eps", eps)
+        self.T = check_real("T", T, positive=True)
+        self.eps = check_real("eps", eps, positive=True)
         if self.eps >= self.T:
             raise ValueError(f"eps must be smaller than T, got eps={self.eps} and T={self.T}")
 
@@ -175,15 +168,27 @@ class ForwardSDE:
         return hash((type(self).__name__, tuple(sorted(self._params().items()))))
 
 
+#: beyond this B(T) the signal is gone long before T (alpha(T) = exp(-B/2) < 1e-43): refuse such an SDE
+_MAX_INTEGRATED_BETA = 200.0
+
+
 class _BetaSchedule(ForwardSDE):
     r"""Shared linear schedule :math:`\beta(t) = \beta_0 + t(\beta_1 - \beta_0)`."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0, eps: float = 1e-5):
         super().__init__(T=T, eps=eps)
-        self.beta_min = _check_positive("beta_min", beta_min)
-        self.beta_max = _check_positive("beta_max", beta_max)
+        self.beta_min = check_real("beta_min", beta_min, positive=True)
+        self.beta_max = check_real("beta_max", beta_max, positive=True)
         if self.beta_max < self.beta_min:
             raise ValueError(f"beta_max must be >= beta_min, got beta_max={self.beta_max} and beta_min={self.beta_min}")
+        total = float(self.integrated_beta(torch.tensor(self.T, dtype=torch.float64)))
+        if total > _MAX_INTEGRATED_BETA:
+            raise ValueError(
+                f"T={self.T:g} is too large for beta_min={self.beta_min:g}, beta_max={self.beta_max:g}: the noise "
+                f"integrated up to T is B(T) = {total:.3g} > {_MAX_INTEGRATED_BETA} (alpha(T) = exp(-B/2) would "
+                "underflow and the probability-flow ODE would need millions of steps); the schedule is made for "
+                "T of order 1"
+            )
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -279,8 +284,8 @@ class VESDE(ForwardSDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0, eps: float = 1e-5):
         super().__init__(T=T, eps=eps)
-        self.sigma_min = _check_positive("sigma_min", sigma_min)
-        self.sigma_max = _check_positive("sigma_max", sigma_max)
+        self.sigma_min = check_real("sigma_min", sigma_min, positive=True)
+        self.sigma_max = check_real("sigma_max", sigma_max, positive=True)
         if self.sigma_max <= self.sigma_min:
             raise ValueError(
                 f"sigma_max must be > sigma_min, got sigma_max={self.sigma_max} and sigma_min={self.sigma_min}"

@@ -75,8 +75,8 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from tqdm.auto import tqdm
 
 from . import distributed as _distributed
+from .checks import check_int, check_real
 from .dynamics import model_dtype_device
-from .networks import _check_positive_int, _check_positive_real
 from .sde import ForwardSDE, _broadcast_time
 
 __all__ = [
@@ -307,12 +307,12 @@ def fit(
     _check_model(score_model)
     if not isinstance(sde, ForwardSDE):
         raise TypeError(f"sde must be a VPSDE, SubVPSDE or VESDE (a ForwardSDE), got {type(sde).__name__}")
-    steps = _check_positive_int("steps", steps)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    lr = _check_positive_real("lr", lr)
+    steps = check_int("steps", steps)
+    batch_size = check_int("batch_size", batch_size)
+    lr = check_real("lr", lr, positive=True)
     sampler = TimeSampler(sde, weighting)
     ema_decay = _check_ema_decay(ema_decay)
-    grad_clip = None if grad_clip is None else _check_positive_real("grad_clip", grad_clip)
+    grad_clip = None if grad_clip is None else check_real("grad_clip", grad_clip, positive=True)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
     event_shape = getattr(score_model, "event_shape", None)
