@@ -32,7 +32,6 @@ Shipped priors live in ``pyro_scoreflow/pretrained/<name>/``
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -50,6 +49,7 @@ import torch
 from torch import nn
 
 from .networks import ScoreNet
+from .options import SolverOptions
 from .sde import ForwardSDE, sde_from_config
 
 __all__ = [
@@ -485,15 +485,9 @@ def _few(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-_NOT_OPTIONS = {"self", "score_model", "sde", "event_shape", "batch_shape", "context", "context_shape", "validate_args"}
-
-
 def _check_options(options: dict, model, sde, event_shape, path: Path) -> None:
     """Drop (with a warning) options this version does not know; raise for invalid values of known ones."""
-    from .distribution import ScoreSDEPrior
-
-    known = set(inspect.signature(ScoreSDEPrior.__init__).parameters) - _NOT_OPTIONS
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - set(SolverOptions.names()))
     if unknown:
         warnings.warn(
             f"{path}: ignoring solver options unknown to this version of pyro_scoreflow: {', '.join(unknown)}",
@@ -502,6 +496,6 @@ def _check_options(options: dict, model, sde, event_shape, path: Path) -> None:
         for key in unknown:
             del options[key]
     try:
-        ScoreSDEPrior(model, sde, event_shape, **options)
+        SolverOptions(**options).check_sde(sde)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: invalid solver options {options!r}: {err}") from err

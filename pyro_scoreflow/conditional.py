@@ -7,7 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 from pyro.distributions.conditional import ConditionalDistribution
 
+from .checks import ArgumentTypeError, check_batch_shape, check_event_shape
 from .distribution import ScoreSDEPrior
+from .options import SolverOptions
 from .sde import ForwardSDE
 
 __all__ = ["ConditionalScoreSDEPrior"]
@@ -44,14 +46,14 @@ class ConditionalScoreSDEPrior(ConditionalDistribution):
         **options,
     ):
         if not callable(score_model):
-            raise TypeError(f"score_model must be callable, got {type(score_model).__name__}")
+            raise ArgumentTypeError(f"score_model must be callable, got {type(score_model).__name__}")
+        if not isinstance(sde, ForwardSDE):
+            raise ArgumentTypeError(f"sde must be a VPSDE, SubVPSDE or VESDE (a ForwardSDE), got {type(sde).__name__}")
         self.score_model = score_model
         self.sde = sde
-        self.event_shape = tuple(event_shape)
-        self.context_shape = None if context_shape is None else torch.Size(context_shape)
-        self.options = options
-        # build once without context to validate the options eagerly
-        ScoreSDEPrior(lambda x, t: x, sde, event_shape, **options)
+        self.event_shape = check_event_shape(event_shape)
+        self.context_shape = None if context_shape is None else check_batch_shape(context_shape, "context_shape")
+        self.options = SolverOptions().replace(**options).check_sde(sde).as_dict()  # validated eagerly
 
     def condition(self, context) -> ScoreSDEPrior:
         """The prior :math:`p(x \\mid c)` for ``context`` (a tensor, or anything ``torch.as_tensor`` takes)."""

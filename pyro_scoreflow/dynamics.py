@@ -1,5 +1,4 @@
-r"""Vector fields for the solvers: the reverse-time SDE (torchsde) and the
-probability-flow ODE with its divergence (torchdiffeq).
+r"""The vector fields handed to the solvers, each written once.
 
 For the forward SDE :math:`dx = f(x,t)\,dt + g(t)\,dw` with score
 :math:`s(x, t) \approx \nabla_x \log p_t(x)`:
@@ -11,6 +10,12 @@ For the forward SDE :math:`dx = f(x,t)\,dt + g(t)\,dw` with score
 * instantaneous change of variables: :math:`\frac{d}{dt}\log p_t(x_t) =
   -\nabla\cdot\tilde f(x_t, t)`, so
   :math:`\log p_\epsilon(x_\epsilon) = \log p_T(x_T) + \int_\epsilon^T \nabla\cdot\tilde f\,dt`.
+
+Both drifts are :func:`score_drift` (:math:`f - w g^2 s` with :math:`w = 1` or :math:`\tfrac12`);
+the divergence of :math:`\tilde f` is :func:`divergence_from_vjp`, exact (the trace from the ``D``
+unit covectors) or Hutchinson's estimate, given any vector-Jacobian product: autograd's batched
+backward pass here (:class:`ProbabilityFlowODE`), ``torch.func`` inside the compiled field
+(:mod:`pyro_scoreflow.compiled`).
 
 States handed to the solvers are flat, ``(N, D)`` with ``D = prod(event_shape)``;
 the fields reshape to ``(N, *event_shape)`` before calling the score model.
@@ -25,7 +30,7 @@ import torch
 import torchdiffeq
 from torch import nn
 
-from .compiled import CompiledFlow
+from .options import FIXED_ODE_METHODS
 from .sde import ForwardSDE
 
 __all__ = [
@@ -33,20 +38,21 @@ __all__ = [
     "ReverseTimeSDE",
     "ProbabilityFlowODE",
     "SolverError",
+    "batched_vjp",
+    "divergence_from_vjp",
     "exact_divergence",
     "hutchinson_divergence",
-    "solve_ode",
-    "per_point_norm",
+    "make_probes",
     "model_dtype_device",
-    "log_normal_std",
+    "per_point_norm",
+    "score_drift",
+    "solve_ode",
 ]
-
-ADAPTIVE_ODE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
-FIXED_ODE_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 
 
 class SolverError(RuntimeError):
-    """An ODE/SDE solver could not integrate (step size underflow, step budget exhausted)."""
+    """A solver could not integrate: step-size underflow, step budget exhausted, or a state or score that
+    became non-finite (e.g. a wild HMC proposal overflowing). Inside HMC/NUTS it is a rejected proposal."""
 
 
 def model_dtype_device(score_model, value: torch.Tensor | None = None):
@@ -69,14 +75,39 @@ def model_dtype_device(score_model, value: torch.Tensor | None = None):
     return torch.get_default_dtype(), torch.device("cpu")
 
 
-class ScoreField:
-    """Calls ``score_model`` on flat states and checks what comes back.
+def _column(v: torch.Tensor) -> torch.Tensor:
+    """A per-point coefficient ``(N,)`` as a column ``(N, 1)``; a scalar as it is."""
+    return v if v.dim() == 0 else v.reshape(-1, 1)
 
-    :param score_model: ``score_model(x, t)``, ``x`` of shape ``(N, *event_shape)``.
-    :param sde: the forward SDE (for time clamping).
+
+def score_drift(sde: ForwardSDE, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor, weight: float) -> torch.Tensor:
+    r""":math:`f(x, t) - w\,g(t)^2 s`: the reverse-time SDE's drift (:math:`w = 1`) or the probability-flow
+    field :math:`\tilde f` (:math:`w = \tfrac12`), for flat ``x`` and ``score`` ``(N, D)``."""
+    return sde.drift(x, t) - weight * _column(sde.diffusion(t) ** 2) * score
+
+
+def evaluate_score(score_model, x_flat: torch.Tensor, t: torch.Tensor, event_shape: torch.Size, context=None):
+    """Call ``score_model`` on flat states (time clamping is the caller's): the raw output, unchecked."""
+    n = x_flat.shape[0]
+    t_vec = t.expand(n) if t.dim() == 0 else t
+    x = x_flat.reshape((n,) + tuple(event_shape))
+    return score_model(x, t_vec) if context is None else score_model(x, t_vec, context)
+
+
+def _fmt_time(t: torch.Tensor) -> str:
+    t = t.detach()
+    if t.dim() == 0 or t.numel() == 1:
+        return f"{float(t.reshape(())):.6g}"
+    return f"[{float(t.min()):.6g}, {float(t.max()):.6g}]"
+
+
+class ScoreField:
+    """The score model on flat states: clamps times into [eps, T], checks and counts every evaluation.
+
+    :param score_model: ``score_model(x, t[, context])``, ``x`` of shape ``(N, *event_shape)``.
+    :param sde: the forward SDE.
     :param event_shape: the event shape the model expects.
-    :param context: optional conditioning tensor ``(N, *context_shape)``,
-        passed as a third argument.
+    :param context: optional conditioning tensor ``(N, *context_shape)``, passed as a third argument.
     """
 
     def __init__(self, score_model: Callable, sde: ForwardSDE, event_shape: torch.Size, context=None):
@@ -88,23 +119,18 @@ class ScoreField:
 
     def __call__(self, x_flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Score at flat ``x`` ``(N, D)`` and time ``t`` (scalar or ``(N,)``), clamped into [eps, T]."""
-        n = x_flat.shape[0]
         t = self.sde.clamp_time(t)
-        t_vec = t.expand(n) if t.dim() == 0 else t
-        x = x_flat.reshape((n,) + self.event_shape)
-        if self.context is None:
-            s = self.score_model(x, t_vec)
-        else:
-            s = self.score_model(x, t_vec, self.context)
+        s = evaluate_score(self.score_model, x_flat, t, self.event_shape, self.context)
         self.nfe += 1
-        if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+        expected = (x_flat.shape[0],) + tuple(self.event_shape)
+        if not isinstance(s, torch.Tensor) or s.shape != expected:
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
             raise RuntimeError(
-                f"score model returned shape {got} at t={_fmt_time(t)}, expected {tuple(x.shape)} (shaped like x)"
+                f"score model returned shape {got} at t={_fmt_time(t)}, expected {expected} (shaped like x)"
             )
         if not torch.isfinite(s).all():
-            raise RuntimeError(f"score model returned non-finite values (NaN or inf) at t={_fmt_time(t)}")
-        return s.reshape(n, -1)
+            raise SolverError(_non_finite_message(x_flat, t))
+        return s.reshape(x_flat.shape[0], -1)
 
     def probability_flow(self, x_flat: torch.Tensor, t: torch.Tensor, *, need_graph: bool = False) -> torch.Tensor:
         r""":math:`\tilde f(x, t) = f(x, t) - \tfrac12 g(t)^2 s(x, t)`.
@@ -113,11 +139,34 @@ class ScoreField:
         graph to ``x`` raises instead of silently dropping its share of :math:`\nabla\cdot\tilde f`.
         """
         t = self.sde.clamp_time(t)
-        g2 = _column(self.sde.diffusion(t) ** 2, x_flat)
         s = self(x_flat, t)
         if need_graph:
             check_score_graph(s, t)
-        return self.sde.drift(x_flat, t) - 0.5 * g2 * s
+        return score_drift(self.sde, x_flat, t, s, 0.5)
+
+    def reverse_drift(self, x_flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r"""The reverse-time SDE's drift :math:`f(x, t) - g(t)^2 s(x, t)`."""
+        t = self.sde.clamp_time(t)
+        return score_drift(self.sde, x_flat, t, self(x_flat, t), 1.0)
+
+    def denoised(self, x_flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r"""Tweedie's estimate :math:`\hat x_0 = (x + \sigma_t^2 s(x, t))/\alpha_t` (:meth:`ForwardSDE.denoise`)."""
+        t = self.sde.clamp_time(t)
+        return self.sde.denoise(x_flat, self(x_flat, t), t)
+
+
+def _non_finite_message(x: torch.Tensor, t: torch.Tensor) -> str:
+    """Say whether the input or the score model made a non-finite score (a wild proposal overflows)."""
+    where = f"at t={_fmt_time(t)}"
+    if not torch.isfinite(x).all():
+        return f"the state became non-finite (NaN or inf) {where}: the solver diverged or the input overflowed"
+    big = float(x.detach().abs().max())
+    if x.is_floating_point() and big > math.sqrt(torch.finfo(x.dtype).max):
+        return (
+            f"score model returned non-finite values (NaN or inf) {where} for an input too large for "
+            f"{x.dtype} (max |x| = {big:.3g}; squares overflow): the value, not the model, is the cause"
+        )
+    return f"score model returned non-finite values (NaN or inf) {where} for finite inputs (max |x| = {big:.3g})"
 
 
 def check_score_graph(score: torch.Tensor, t: torch.Tensor) -> None:
@@ -130,23 +179,12 @@ def check_score_graph(score: torch.Tensor, t: torch.Tensor) -> None:
         )
 
 
-def _column(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v if v.dim() == 0 else v.reshape(-1, 1)
-
-
-def _fmt_time(t: torch.Tensor) -> str:
-    t = t.detach()
-    if t.dim() == 0 or t.numel() == 1:
-        return f"{float(t.reshape(())):.6g}"
-    return f"[{float(t.min()):.6g}, {float(t.max()):.6g}]"
-
-
 class ReverseTimeSDE(nn.Module):
     r"""The reverse-time SDE in the solver time :math:`\tau = -t` (torchsde needs increasing time):
 
     .. math::
 
-        dx = [g(t)^2 s(x, t) - f(x, t)]\,d\tau + g(t)\,dW_\tau, \qquad t = -\tau.
+        dx = -[f(x, t) - g(t)^2 s(x, t)]\,d\tau + g(t)\,dW_\tau, \qquad t = -\tau.
 
     The noise is additive (:math:`g` does not depend on :math:`x`), so Itô and
     Stratonovich forms coincide and every torchsde method for diagonal noise applies.
@@ -165,9 +203,7 @@ class ReverseTimeSDE(nn.Module):
         last = self._last
         if last is not None and last[1] is y and last[0] == float(tau):
             return last[2]
-        t = self.field.sde.clamp_time(-tau.to(y.dtype))
-        g2 = self.field.sde.diffusion(t) ** 2
-        out = g2 * self.field(y, t) - self.field.sde.drift(y, t)
+        out = -self.field.reverse_drift(y, -tau.to(y.dtype))
         self._last = (float(tau), y, out)
         return out
 
@@ -176,44 +212,49 @@ class ReverseTimeSDE(nn.Module):
         return self.field.sde.diffusion(t).expand_as(y)
 
 
-def exact_divergence(v: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    r"""Exact :math:`\nabla\cdot v = \operatorname{tr}(\partial v/\partial x)` per row of ``x`` ``(N, D)``.
+# -- divergence ------------------------------------------------------------------------------------------
+def batched_vjp(v: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    r"""The vector-Jacobian products :math:`c_s^\top \partial v/\partial x` for cotangents ``(S, N, D)``.
 
-    One forward pass, then the ``D`` vector-Jacobian products :math:`e_i^\top J`
-    batched in a single vmapped backward pass (``is_grads_batched``). Rows must
-    not interact (the score of point n depends only on x[n]).
+    One backward pass batched over ``S`` (``is_grads_batched``); an operation without a batching
+    rule falls back to one backward pass per cotangent. Rows must not interact (the score of point
+    ``n`` depends only on ``x[n]``).
+    """
+    if cotangents.shape[0] == 1:
+        (g,) = torch.autograd.grad(v, x, cotangents[0], create_graph=create_graph, retain_graph=True)
+        return g.unsqueeze(0)
+    try:
+        return torch.autograd.grad(
+            v, x, cotangents, create_graph=create_graph, is_grads_batched=True, retain_graph=True
+        )[0]
+    except RuntimeError:  # an op without a batching rule
+        return torch.stack(
+            [torch.autograd.grad(v, x, c, create_graph=create_graph, retain_graph=True)[0] for c in cotangents]
+        )
+
+
+def divergence_from_vjp(vjp: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, probes=None) -> torch.Tensor:
+    r""":math:`\nabla\cdot v` per row of ``x`` ``(N, D)`` from vector-Jacobian products ``vjp(c)`` ``(S, N, D)``.
+
+    Exact (``probes=None``): :math:`\operatorname{tr} J = \sum_i e_i^\top J e_i` from the ``D`` unit
+    covectors. Hutchinson: :math:`\frac1S\sum_s \epsilon_s^\top J \epsilon_s` with ``probes`` ``(S, N, D)``,
+    :math:`E[\epsilon\epsilon^\top] = I`: unbiased for any ``S``.
     """
     n, d = x.shape
-    if d == 1:
-        (g,) = torch.autograd.grad(v, x, torch.ones_like(v), create_graph=create_graph)
-        return g.reshape(n)
-    eye = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, n, d)
-    try:
-        (rows,) = torch.autograd.grad(v, x, eye, create_graph=create_graph, is_grads_batched=True, retain_graph=True)
-    except RuntimeError:  # an op without a batching rule: one backward pass per dimension
-        return divergence_loop(v, x, create_graph)
-    return rows.diagonal(dim1=0, dim2=2).sum(-1)
+    if probes is None:
+        eye = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, n, d)
+        return vjp(eye).diagonal(dim1=0, dim2=2).sum(-1)
+    return (vjp(probes) * probes).sum(-1).mean(0)
 
 
-def divergence_loop(v: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    r"""Exact divergence by ``D`` separate backward passes (the reference implementation)."""
-    div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(x.shape[1]):
-        (g,) = torch.autograd.grad(v[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
-        div = div + g[:, i]
-    return div
+def exact_divergence(v: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    r"""Exact :math:`\nabla\cdot v` per row of ``x`` ``(N, D)``: one forward pass, ``D`` batched VJPs."""
+    return divergence_from_vjp(lambda c: batched_vjp(v, x, c, create_graph), x)
 
 
 def hutchinson_divergence(v: torch.Tensor, x: torch.Tensor, probes: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    r"""Hutchinson's estimator :math:`\frac1S\sum_s \epsilon_s^\top (\partial v/\partial x)\,\epsilon_s`.
-
-    ``probes`` has shape ``(S, N, D)`` with :math:`E[\epsilon\epsilon^\top] = I`; unbiased for any S.
-    """
-    if probes.shape[0] == 1:
-        (g,) = torch.autograd.grad(v, x, probes[0], create_graph=create_graph)
-        return (g * probes[0]).sum(-1)
-    (g,) = torch.autograd.grad(v, x, probes, create_graph=create_graph, is_grads_batched=True)
-    return (g * probes).sum(-1).mean(0)
+    r"""Hutchinson's estimate of :math:`\nabla\cdot v` with ``probes`` ``(S, N, D)``."""
+    return divergence_from_vjp(lambda c: batched_vjp(v, x, c, create_graph), x, probes)
 
 
 def make_probes(kind: str, num: int, n: int, d: int, dtype, device, generator=None) -> torch.Tensor:
@@ -228,15 +269,15 @@ class ProbabilityFlowODE(nn.Module):
 
     State ``(N, D)`` without divergence, ``(N, D + 1)`` with it: the last column
     accumulates :math:`\int \nabla\cdot\tilde f\,dt`. A graph for
-    differentiation is built only when autograd is on and the state (or a
-    parameter) requires grad, which is also what ``odeint_adjoint``'s backward
-    pass needs.
+    differentiation is built only when autograd is on and the state, a trainable
+    parameter or the context requires grad, which is also what ``odeint_adjoint``'s
+    backward pass needs.
 
     :param ScoreField field: the score field.
     :param str divergence: ``"exact"``, ``"hutchinson"`` or ``None`` (plain ODE).
     :param probes: Hutchinson probes ``(S, N, D)``, fixed along the trajectory.
-    :param compiled: a :class:`~pyro_scoreflow.compiled.CompiledFlow` for the augmented field
-        (with ``divergence``); if it cannot compile, the field is evaluated eagerly.
+    :param compiled: a :class:`~pyro_scoreflow.compiled.CompiledFlow` evaluating the same augmented field
+        as one compiled graph; if it cannot compile, the field is evaluated eagerly.
     :param draw_probes: for ``"hutchinson"``: a callable returning fresh probes ``(S, N, D)``, called
         at every evaluation instead of keeping ``probes`` fixed. The state's trajectory does not depend on
         the probes, so each evaluation's estimate is independent and unbiased and the integral of their
@@ -250,7 +291,7 @@ class ProbabilityFlowODE(nn.Module):
         field: ScoreField,
         divergence: str | None = None,
         probes: torch.Tensor | None = None,
-        compiled: CompiledFlow | None = None,
+        compiled=None,
         draw_probes: Callable[[], torch.Tensor] | None = None,
     ):
         super().__init__()
@@ -261,11 +302,7 @@ class ProbabilityFlowODE(nn.Module):
         self.draw_probes = draw_probes if divergence == "hutchinson" else None
         self.logdet_controlled = divergence is not None and self.draw_probes is None
         model = field.score_model
-        self._params = tuple(p for p in model.parameters()) if isinstance(model, nn.Module) else ()
-
-    @property
-    def nfe(self) -> int:
-        return self.field.nfe
+        self._params = tuple(model.parameters()) if isinstance(model, nn.Module) else ()
 
     def adjoint_params(self) -> tuple[torch.Tensor, ...]:
         """The tensors besides the state that gradients flow to: trainable parameters and a context requiring grad."""
@@ -279,51 +316,28 @@ class ProbabilityFlowODE(nn.Module):
         return torch.is_grad_enabled() and (state.requires_grad or len(self.adjoint_params()) > 0)
 
     def forward(self, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        if self.divergence is None:
-            if self._needs_graph(state):
-                return self.field.probability_flow(state, t)
-            with torch.no_grad():
-                return self.field.probability_flow(state, t)
         create_graph = self._needs_graph(state)
+        if self.divergence is None:
+            with torch.set_grad_enabled(create_graph):
+                return self.field.probability_flow(state, t)
         if self.draw_probes is not None:
             self.probes = self.draw_probes()
+        probes = self.probes if self.divergence == "hutchinson" else None
         if self.compiled is not None:
-            out = self._compiled_forward(t, state, create_graph)
+            out = self.compiled(self.field, t, state, probes, create_graph)
             if out is not None:
                 return out
         x = state[:, :-1]
         with torch.enable_grad():
             if not create_graph:
                 x = x.detach().requires_grad_(True)
-            elif not x.requires_grad:  # graph only through parameters
+            elif not x.requires_grad:  # graph only through parameters or the context
                 x = x.requires_grad_(True)
             v = self.field.probability_flow(x, t, need_graph=True)
-            if self.divergence == "exact":
-                div = exact_divergence(v, x, create_graph)
-            else:
-                div = hutchinson_divergence(v, x, self.probes, create_graph)
+            div = divergence_from_vjp(lambda c: batched_vjp(v, x, c, create_graph), x, probes)
         if not create_graph:
             v, div = v.detach(), div.detach()
         return torch.cat([v, div.unsqueeze(-1)], dim=-1)
-
-    def _compiled_forward(self, t: torch.Tensor, state: torch.Tensor, create_graph: bool) -> torch.Tensor | None:
-        compiled = self.compiled
-        if not compiled.validated:  # one eager call checks the model's output: shape, values, autograd graph
-            with torch.enable_grad():
-                self.field.probability_flow(state[:, :-1].detach().requires_grad_(True), t, need_graph=True)
-            compiled.validated = True
-        if create_graph:
-            out = compiled(t, state, self.probes, self.field.context)
-        else:
-            with torch.no_grad():
-                out = compiled(t, state.detach(), self.probes, self.field.context)
-        if out is None:
-            return None
-        augmented, finite = out
-        self.field.nfe += 1
-        if not finite:
-            raise RuntimeError(f"score model returned non-finite values (NaN or inf) at t={_fmt_time(t)}")
-        return augmented
 
 
 def per_point_norm(
@@ -340,7 +354,7 @@ def per_point_norm(
     It is computed on detached tensors: step sizes are constants for autograd, so the
     gradient of a solve is the exact derivative of the discrete map with the accepted steps
     (what finite differences of a fixed-grid solve give), and backpropagation skips the
-    graph of the step-size controller (2-D, one point, log_prob + gradient: 117 -> 94 ms).
+    graph of the step-size controller.
     """
 
     def norm(tensor: torch.Tensor) -> torch.Tensor:
@@ -355,6 +369,10 @@ def per_point_norm(
         return rows.pow(2).mean(-1).sqrt().max()
 
     return norm
+
+
+#: the messages with which torchdiffeq signals that it could not integrate (as AssertionErrors)
+_TORCHDIFFEQ_FAILURES = ("max_num_steps exceeded", "underflow in dt", "non-finite values in state")
 
 
 def solve_ode(
@@ -373,44 +391,47 @@ def solve_ode(
     """Integrate ``func`` from ``t0`` to ``t1`` and return the final state.
 
     Adaptive methods use ``rtol``/``atol`` with :func:`per_point_norm`; fixed-grid
-    methods take ``num_steps`` equal steps. Solver failures become :class:`SolverError`.
+    methods take ``num_steps`` equal steps. torchdiffeq's own failures (step underflow, step
+    budget, non-finite state) become :class:`SolverError`; any other exception (the score
+    model's, torch's) propagates unchanged.
     """
+    if torch.jit.is_tracing():
+        raise NotImplementedError(
+            "pyro_scoreflow's ODE solves cannot be traced by torch.jit (JitTrace_ELBO, NUTS/HMC with "
+            "jit_compile=True): their step-size control is data-dependent Python; use the non-JIT versions "
+            "(Trace_ELBO, jit_compile=False) or ScoreSDEPrior(..., compile=True) for speed"
+        )
     ts = torch.tensor([t0, t1], dtype=y0.dtype, device=y0.device)
     n = y0.shape[0]
     if method in FIXED_ODE_METHODS:
         options = {"step_size": abs(t1 - t0) / num_steps}
+        adjoint_options = None
     else:
         norm = per_point_norm(n, func.divergence is not None, control_logdet=func.logdet_controlled)
         options = {"norm": norm, "max_num_steps": max_num_steps}
+        adjoint_options = dict(options, norm="seminorm")
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
     try:
         if adjoint:
-            adjoint_options = dict(options) if method not in FIXED_ODE_METHODS else None
-            if adjoint_options is not None:
-                adjoint_options["norm"] = "seminorm"
-            params = func.adjoint_params()
             # The backward pass re-integrates the state from x_T back to x_eps, a direction in which the
             # flow expands, so the forward error in x_T is amplified: both solves run 10x tighter than
             # asked (2-D mixture, rtol 1e-5: gradient error 4e-2 without, 4e-5 with; ~1.6x the NFE).
             kwargs.update(rtol=rtol / 10, atol=atol / 10)
             ys = torchdiffeq.odeint_adjoint(
-                func, y0, ts, adjoint_params=params, adjoint_options=adjoint_options,
+                func, y0, ts, adjoint_params=func.adjoint_params(), adjoint_options=adjoint_options,
                 adjoint_rtol=rtol / 10, adjoint_atol=atol / 10, **kwargs,
             )  # fmt: skip
         else:
             ys = torchdiffeq.odeint(func, y0, ts, **kwargs)
-    except AssertionError as err:  # torchdiffeq signals step underflow and step budget this way
+    except AssertionError as err:
+        if not str(err).startswith(_TORCHDIFFEQ_FAILURES):
+            raise
         raise SolverError(
             f"ODE solver '{method}' failed between t={t0:.6g} and t={t1:.6g} ({err}); "
-            f"loosen rtol/atol (now {rtol:g}/{atol:g}) or check the score model"
+            f"loosen rtol/atol (now {rtol:g}/{atol:g}), raise max_num_steps (now {max_num_steps}) "
+            "or check the score model"
         ) from err
     y1 = ys[-1]
     if not torch.isfinite(y1).all():
         raise SolverError(f"ODE solver '{method}' produced non-finite states integrating to t={t1:.6g}")
     return y1
-
-
-def log_normal_std(x: torch.Tensor, std: float) -> torch.Tensor:
-    r""":math:`\log \mathcal N(x; 0, \sigma^2 I)` summed over the last dimension."""
-    d = x.shape[-1]
-    return -0.5 * (x**2).sum(-1) / std**2 - d * (math.log(std) + 0.5 * math.log(2 * math.pi))

@@ -76,6 +76,9 @@ class SolverOptions:
         ``None`` picks the SDE's default (:func:`~pyro_scoreflow.samplers.default_snr`).
     :ivar str predictor: the ``"pc"`` predictor: ``"reverse-diffusion"`` (exact transition kernel of
         the forward SDE, Song et al.'s choice) or ``"euler-maruyama"``.
+    :ivar float langevin_step_size: ``"langevin"`` only: Song & Ermon's step size :math:`\varepsilon` (the step
+        at level :math:`i` is :math:`\tfrac{\varepsilon}{2}(\sigma_i/\alpha_i)^2/(\sigma_L/\alpha_L)^2`); ``None``
+        sets each step from ``snr`` instead.
     :ivar bool denoise: apply Tweedie's denoising step :math:`\hat x_0 = (x + \sigma^2 s)/\alpha` at the end.
 
     **Density** (``log_prob``, ``sample_and_log_prob``, ``flow``) and ``sampler="ode"``:
@@ -109,6 +112,7 @@ class SolverOptions:
     corrector_steps: int = 1
     snr: float | None = None
     predictor: str = "reverse-diffusion"
+    langevin_step_size: float | None = None
     adjoint: bool = False
     compile: bool = False
     denoise: bool = False
@@ -132,6 +136,9 @@ class SolverOptions:
             "corrector_steps": check_int("corrector_steps", self.corrector_steps, minimum=0, maximum=MAX_STEPS),
             "snr": check_optional(check_real, "snr", self.snr, positive=True),
             "predictor": check_choice("predictor", self.predictor, PC_PREDICTORS),
+            "langevin_step_size": check_optional(
+                check_real, "langevin_step_size", self.langevin_step_size, positive=True
+            ),
             "adjoint": check_bool("adjoint", self.adjoint),
             "compile": check_bool("compile", self.compile),
             "denoise": check_bool("denoise", self.denoise),

@@ -2,42 +2,54 @@ r"""Samplers: integrate from the SDE's prior at :math:`T` down to :math:`\epsilo
 
 * :func:`reverse_sde_sample` — the reverse-time SDE with ``torchsde.sdeint``;
 * :func:`probability_flow_sample` — the probability-flow ODE with ``torchdiffeq``;
-* :func:`dpm_solver_sample` — DPM-Solver++(2M) (Lu et al. 2022), an exponential
-  integrator of the probability-flow ODE in the log-SNR variable
-  :math:`\lambda = \log(\alpha/\sigma)`, for few-step sampling.
+* :func:`dpm_solver_sample` — DPM-Solver++ (Lu et al. 2022), an exponential integrator of the
+  probability-flow ODE in the half log-SNR :math:`\lambda = \log(\alpha/\sigma)`, for few-step sampling;
+* :func:`pc_sample` — predictor-corrector sampling (Song et al. 2021, Alg. 1-3): a reverse-diffusion
+  or Euler-Maruyama step of the reverse SDE, then Langevin MCMC steps on :math:`p_t`;
+* :func:`langevin_sample` — annealed Langevin dynamics (Song & Ermon 2019) over the SDE's noise levels.
 
-All take and return flat states ``(N, D)``.
+All take a score field (:class:`~pyro_scoreflow.dynamics.ScoreField`, or a guided one from
+:mod:`pyro_scoreflow.infer`) and flat states ``(N, D)``, and return the state at the last time;
+every score evaluation goes through the field, which counts it.
 
 References:
 
-[1] C. Lu, Y. Zhou, F. Bao, J. Chen, C. Li, J. Zhu, "DPM-Solver++: Fast Solver
-    for Guided Sampling of Diffusion Probabilistic Models", 2022.
+[1] Y. Song, J. Sohl-Dickstein, D. P. Kingma, A. Kumar, S. Ermon, B. Poole, "Score-Based Generative
+    Modeling through Stochastic Differential Equations", ICLR 2021.
+[2] Y. Song, S. Ermon, "Generative Modeling by Estimating Gradients of the Data Distribution", NeurIPS 2019.
+[3] C. Lu, Y. Zhou, F. Bao, J. Chen, C. Li, J. Zhu, "DPM-Solver++: Fast Solver for Guided Sampling of
+    Diffusion Probabilistic Models", 2022.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torchsde
+from tqdm.auto import tqdm
 
 from .dynamics import ProbabilityFlowODE, ReverseTimeSDE, ScoreField, SolverError, solve_ode
+from .options import SDE_METHODS
+from .sde import ForwardSDE
 
-__all__ = ["SDE_METHODS", "reverse_sde_sample", "probability_flow_sample", "dpm_solver_sample"]
+__all__ = [
+    "DPM_END_TIME",
+    "default_snr",
+    "dpm_end_time",
+    "dpm_solver_sample",
+    "langevin_sample",
+    "log_snr_schedule",
+    "pc_sample",
+    "probability_flow_sample",
+    "reverse_sde_sample",
+]
 
-# torchsde methods valid for diagonal noise, with the SDE type and Levy-area
-# approximation each needs. The noise is additive, so Ito == Stratonovich.
-# "reversible_heun" is accepted but is only weakly stable: on the stiff reverse
-# drift near eps it needs many more steps than "euler" (measured: 200 steps still
-# biased on a 2-D mixture), so prefer "euler", "heun" or "srk".
-SDE_METHODS = {
-    "euler": ("ito", "none"),
-    "milstein": ("ito", "none"),
-    "srk": ("ito", "space-time"),
-    "euler_heun": ("stratonovich", "none"),
-    "heun": ("stratonovich", "none"),
-    "midpoint": ("stratonovich", "none"),
-    "reversible_heun": ("stratonovich", "none"),
-    "log_ode": ("stratonovich", "foster"),
-}
+
+def _check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        raise SolverError(f"{what} produced non-finite samples")
+    return x
 
 
 def reverse_sde_sample(field: ScoreField, x_T: torch.Tensor, *, num_steps: int, method: str) -> torch.Tensor:
@@ -57,20 +69,11 @@ def reverse_sde_sample(field: ScoreField, x_T: torch.Tensor, *, num_steps: int, 
     dt = (t1 - t0) / num_steps * (1 + 1e-9)
     entropy = int(torch.randint(0, 2**31 - 1, ()).item())
     bm = torchsde.BrownianInterval(
-        t0=t0,
-        t1=t1,
-        size=x_T.shape,
-        dtype=x_T.dtype,
-        device=x_T.device,
-        entropy=entropy,
-        dt=dt,
+        t0=t0, t1=t1, size=x_T.shape, dtype=x_T.dtype, device=x_T.device, entropy=entropy, dt=dt,
         levy_area_approximation=levy_area,
-    )
+    )  # fmt: skip
     ys = torchsde.sdeint(ReverseTimeSDE(field, sde_type), x_T, ts, bm=bm, method=method, dt=dt)
-    x = ys[-1]
-    if not torch.isfinite(x).all():
-        raise SolverError(f"reverse SDE ('{method}', {num_steps} steps) produced non-finite samples")
-    return x
+    return _check_finite(ys[-1], f"reverse SDE ('{method}', {num_steps} steps)")
 
 
 def probability_flow_sample(
@@ -93,34 +96,24 @@ def probability_flow_sample(
     )  # fmt: skip
 
 
-def log_snr_schedule(sde, num_steps: int, dtype, device, t_end: float | None = None) -> torch.Tensor:
-    r"""Times :math:`T = t_0 > \dots > t_M = t_{end}` uniform in :math:`\lambda(t) = \log(\alpha/\sigma)`.
-
-    :math:`\lambda` is monotone in :math:`t`, so it is inverted by bisection
-    (60 halvings: exact to float64 round-off).
-    """
-    T = sde.T
-    t_end = sde.eps if t_end is None else t_end
-    lam = _log_snr(sde, torch.tensor([T, t_end], dtype=torch.float64))
-    targets = torch.linspace(float(lam[0]), float(lam[1]), num_steps + 1, dtype=torch.float64)
-    lo = torch.full_like(targets, sde.eps)
-    hi = torch.full_like(targets, T)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        above = _log_snr(sde, mid) > targets  # lambda decreases with t
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
-    ts = 0.5 * (lo + hi)
-    ts[0], ts[-1] = T, t_end
-    return ts.to(dtype=dtype, device=device)
-
-
-def _log_snr(sde, t: torch.Tensor) -> torch.Tensor:
-    alpha, sigma = sde.marginal(t)
-    return alpha.log() - sigma.log()
-
-
+# -- few-step sampling ----------------------------------------------------------------------------------
+#: where ``"dpm-solver"`` stops by default (see :func:`dpm_solver_sample`)
 DPM_END_TIME = 3e-3
+
+
+def dpm_end_time(sde: ForwardSDE, t_end: float | None = None) -> float:
+    """The time ``"dpm-solver"`` stops at: ``t_end`` (default :data:`DPM_END_TIME`), never before eps."""
+    return max(sde.eps, DPM_END_TIME if t_end is None else t_end)
+
+
+def log_snr_schedule(sde: ForwardSDE, num_steps: int, dtype, device, t_end: float | None = None) -> torch.Tensor:
+    r"""Times :math:`T = t_0 > \dots > t_M = t_{end}` uniform in :math:`\lambda(t) = \log(\alpha/\sigma)`
+    (:meth:`ForwardSDE.inverse_log_snr`, closed form), computed in float64."""
+    t_end = sde.eps if t_end is None else t_end
+    lam = sde.log_snr(torch.tensor([sde.T, t_end], dtype=torch.float64))
+    ts = sde.inverse_log_snr(torch.linspace(float(lam[0]), float(lam[1]), num_steps + 1, dtype=torch.float64))
+    ts[0], ts[-1] = sde.T, t_end
+    return ts.to(dtype=dtype, device=device)
 
 
 def dpm_solver_sample(
@@ -128,7 +121,7 @@ def dpm_solver_sample(
 ) -> torch.Tensor:
     r"""DPM-Solver++ multistep (Lu et al. 2022): ``num_steps`` score evaluations from :math:`T` to ``t_end``.
 
-    With the data prediction :math:`D_i = (x_i + \sigma_i^2 s(x_i, t_i))/\alpha_i`,
+    With the data prediction :math:`D_i = (x_i + \sigma_i^2 s(x_i, t_i))/\alpha_i` (Tweedie),
     :math:`\lambda = \log(\alpha/\sigma)`, :math:`h_i = \lambda_i - \lambda_{i-1}` and
     :math:`\varphi_1 = e^{-h} - 1`, each step is exact for the linear part of the
     probability-flow ODE and extrapolates :math:`D` polynomially in :math:`\lambda`:
@@ -139,33 +132,28 @@ def dpm_solver_sample(
               + \alpha_i \varphi_2 D^{(1)} - \alpha_i \varphi_3 D^{(2)},
 
     with :math:`\varphi_2 = \varphi_1/h + 1`, :math:`\varphi_3 = \varphi_2/h - \tfrac12` and
-    :math:`D^{(1)}, D^{(2)}` divided differences of the last three data predictions (order 3;
-    order 2 keeps :math:`D^{(1)}` only, as DPM-Solver++(2M)); the first steps use lower orders.
+    :math:`D^{(1)}, D^{(2)}` divided differences of the last three data predictions (order 3, the
+    default; order 2 keeps :math:`D^{(1)}` only, as DPM-Solver++(2M)); the first steps use lower orders.
 
     **Schedule and end time.** Times are uniform in :math:`\lambda`. Integrating all the way
     to :math:`\epsilon` wastes the budget on noise levels far below the data's scale, and a
     last big step to :math:`\epsilon` acts as a denoiser that shrinks the spread; so the
-    solver stops at ``t_end`` (default :data:`DPM_END_TIME` = 3e-3, i.e. :math:`\sigma \approx 0.02`
-    for the default VP SDE) and returns :math:`x_{t_{end}}`, whose law differs from
-    :math:`p_\epsilon` by that small residual noise. Measured on a 2-D mixture with the exact
-    score at 20,000 samples (energy distance to exact draws, noise floor 1.2e-4): 10 steps
-    order 3 to 3e-3: 5.2e-4; order 2: 1.9e-3; order 2 to :math:`\epsilon`: 7.4e-3.
+    solver stops at ``t_end`` (:func:`dpm_end_time`: default :data:`DPM_END_TIME` = 3e-3, i.e.
+    :math:`\sigma \approx 0.02` for the default VP SDE) and returns :math:`x_{t_{end}}`, whose law
+    differs from :math:`p_\epsilon` by that small residual noise (measured trade-offs: docs/benchmarks.md).
 
     The marginal :math:`(\alpha, \sigma)` defines the probability-flow ODE of every linear SDE,
-    so this serves VP, sub-VP and VE.
+    so this serves VP, sub-VP and VE. Differentiable in ``x_T`` when run with autograd on.
     """
     sde = field.sde
-    t_end = max(sde.eps, DPM_END_TIME if t_end is None else t_end)
-    ts = log_snr_schedule(sde, num_steps, torch.float64, x_T.device, t_end)
+    ts = log_snr_schedule(sde, num_steps, torch.float64, x_T.device, dpm_end_time(sde, t_end))
     alphas, sigmas = sde.marginal(ts)
     lams = alphas.log() - sigmas.log()
     ts, alphas, sigmas, lams = (v.to(x_T.dtype) for v in (ts, alphas, sigmas, lams))
     x = x_T
     history: list[torch.Tensor] = []
     for i in range(1, num_steps + 1):
-        t_prev = ts[i - 1]
-        history.append((x + sigmas[i - 1] ** 2 * field(x, t_prev)) / alphas[i - 1])
-        history = history[-3:]
+        history = (history + [field.denoised(x, ts[i - 1])])[-3:]
         h = lams[i] - lams[i - 1]
         phi1 = torch.expm1(-h)
         x = (sigmas[i] / sigmas[i - 1]) * x - alphas[i] * phi1 * history[-1]
@@ -183,6 +171,131 @@ def dpm_solver_sample(
                 phi2 = phi1 / h + 1
                 phi3 = phi2 / h - 0.5
                 x = x + alphas[i] * phi2 * d1 - alphas[i] * phi3 * d2
-    if not torch.isfinite(x).all():
-        raise SolverError(f"dpm-solver ({num_steps} steps) produced non-finite samples")
-    return x
+    return _check_finite(x, f"dpm-solver ({num_steps} steps)")
+
+
+# -- Langevin ------------------------------------------------------------------------------------------
+def default_snr(sde: ForwardSDE) -> float:
+    r"""The Langevin corrector's default signal-to-noise ratio :math:`r`: 0.16, Song et al.'s setting for
+    their predictor-corrector samplers, for every SDE."""
+    return 0.16
+
+
+def langevin_step(field: ScoreField, x: torch.Tensor, t: torch.Tensor, step_factor, snr: float) -> torch.Tensor:
+    r"""One Langevin MCMC step on :math:`p_t` with the step size set by the signal-to-noise ratio ``snr``:
+
+    .. math::
+
+        x \leftarrow x + \delta\, s(x, t) + \sqrt{2\delta}\, z, \qquad
+        \delta = 2 a_t \left(r \frac{\overline{\|z\|}}{\overline{\|s\|}}\right)^2,
+
+    with batch-mean norms (Song et al. 2021, Alg. 4-5) and :math:`a_t` = ``step_factor``.
+    """
+    score = field(x, t)
+    z = torch.randn_like(x)
+    ratio = z.norm(dim=-1).mean() / score.norm(dim=-1).mean().clamp_min(torch.finfo(x.dtype).tiny)
+    delta = 2 * step_factor * (snr * ratio) ** 2
+    return x + delta * score + (2 * delta).sqrt() * z
+
+
+def pc_sample(
+    field: ScoreField,
+    x_T: torch.Tensor,
+    *,
+    num_steps: int,
+    corrector_steps: int = 1,
+    snr: float | None = None,
+    predictor: str = "reverse-diffusion",
+    progress: bool = False,
+) -> torch.Tensor:
+    r"""Predictor-corrector sampling (Song et al. 2021, Alg. 1-3) on a uniform grid
+    :math:`T = t_0 > \dots > t_N = \epsilon` (``num_steps`` steps).
+
+    At each :math:`t_i`: ``corrector_steps`` Langevin steps on :math:`p_{t_i}` (:func:`langevin_step`, with
+    :math:`a_t` = :meth:`ForwardSDE.corrector_step_factor`), then one predictor step to :math:`t_{i+1}`:
+
+    * ``"reverse-diffusion"``: the forward SDE's exact transition :math:`x_t = a x_s + v z` reversed,
+      :math:`x \leftarrow (2 - a) x + v^2 s(x, t_i) + v z` (Alg. 2 for VE, Alg. 3 for VP);
+    * ``"euler-maruyama"``: :math:`x \leftarrow x - [f - g^2 s]\Delta t + g\sqrt{\Delta t}\, z`.
+
+    ``num_steps * (1 + corrector_steps)`` score evaluations; returns :math:`x_\epsilon`. ``progress`` shows
+    a progress bar over the time steps.
+    """
+    sde = field.sde
+    snr = default_snr(sde) if snr is None else snr
+    ts = torch.linspace(sde.T, sde.eps, num_steps + 1, dtype=torch.float64).to(dtype=x_T.dtype, device=x_T.device)
+    x = x_T
+    for i in tqdm(range(num_steps), disable=not progress, desc="predictor-corrector", leave=False):
+        t, dt = ts[i], ts[i] - ts[i + 1]
+        for _ in range(corrector_steps):
+            x = langevin_step(field, x, t, sde.corrector_step_factor(t, dt), snr)
+        if predictor == "euler-maruyama":
+            x = x - field.reverse_drift(x, t) * dt + sde.diffusion(t) * dt.sqrt() * torch.randn_like(x)
+        else:
+            a, v = sde.transition(ts[i + 1], t)
+            x = (2 - a) * x + v**2 * field(x, t) + v * torch.randn_like(x)
+    return _check_finite(x, f"predictor-corrector sampler ({num_steps} steps)")
+
+
+def langevin_sample(
+    field: ScoreField,
+    x_T: torch.Tensor,
+    *,
+    num_steps: int,
+    corrector_steps: int = 1,
+    snr: float | None = None,
+    step_size: float | None = None,
+) -> torch.Tensor:
+    r"""Annealed Langevin dynamics (Song & Ermon 2019) over ``num_steps`` noise levels
+    :math:`t_1 > \dots > t_L = \epsilon` uniform in :math:`\lambda = \log(\alpha/\sigma)` (geometric in
+    :math:`\sigma` for the VE SDE), ``corrector_steps`` Langevin steps
+    :math:`x \leftarrow x + \delta_i s(x, t_i) + \sqrt{2\delta_i} z` at each (no predictor):
+
+    * ``step_size=None``: :math:`\delta_i` from the signal-to-noise ratio ``snr`` (:func:`langevin_step`);
+    * ``step_size`` :math:`\varepsilon`: Song & Ermon's schedule :math:`\delta_i = \tfrac{\varepsilon}{2}
+      (\sigma_i/\alpha_i)^2 / (\sigma_L/\alpha_L)^2` (their :math:`\alpha_i = \varepsilon\sigma_i^2/\sigma_L^2`).
+
+    ``num_steps * corrector_steps`` score evaluations; returns the state at :math:`\epsilon`.
+    Starts from ``x_T`` (a draw of the SDE's prior).
+    """
+    sde = field.sde
+    snr = default_snr(sde) if snr is None else snr
+    ts = log_snr_schedule(sde, num_steps, torch.float64, x_T.device)[1:]
+    lams = sde.log_snr(ts)
+    ts = ts.to(x_T.dtype)
+    x = x_T
+    for i in range(num_steps):
+        t = ts[i]
+        for _ in range(corrector_steps):
+            if step_size is None:
+                x = langevin_step(field, x, t, 1.0, snr)
+            else:
+                delta = 0.5 * step_size * math.exp(-2 * float(lams[i] - lams[-1]))
+                x = x + delta * field(x, t) + math.sqrt(2 * delta) * torch.randn_like(x)
+    return _check_finite(x, f"annealed Langevin ({num_steps} levels x {corrector_steps} steps)")
+
+
+def sample_with_options(field: ScoreField, x_T: torch.Tensor, options) -> torch.Tensor:
+    """Run the sampler that ``options`` (:class:`~pyro_scoreflow.options.SolverOptions`) names, from ``x_T``."""
+    o = options
+    if o.sampler == "sde":
+        return reverse_sde_sample(field, x_T, num_steps=o.num_steps, method=o.sde_method)
+    if o.sampler == "ode":
+        return probability_flow_sample(
+            field, x_T, method=o.ode_method, rtol=o.rtol, atol=o.atol, num_steps=o.num_steps,
+            max_num_steps=o.max_num_steps,
+        )  # fmt: skip
+    if o.sampler == "dpm-solver":
+        return dpm_solver_sample(field, x_T, num_steps=o.num_steps, order=o.dpm_order, t_end=o.dpm_end_time)
+    if o.sampler == "pc":
+        return pc_sample(
+            field, x_T, num_steps=o.num_steps, corrector_steps=o.corrector_steps, snr=o.snr, predictor=o.predictor
+        )
+    return langevin_sample(
+        field, x_T, num_steps=o.num_steps, corrector_steps=o.corrector_steps, snr=o.snr, step_size=o.langevin_step_size
+    )
+
+
+def final_time(sde: ForwardSDE, options) -> float:
+    """The time the sampler that ``options`` names ends at: eps, or the DPM-Solver's end time."""
+    return dpm_end_time(sde, options.dpm_end_time) if options.sampler == "dpm-solver" else sde.eps

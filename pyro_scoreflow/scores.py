@@ -21,9 +21,10 @@ __all__ = ["ScoreModel", "GaussianMixtureScore"]
 
 @runtime_checkable
 class ScoreModel(Protocol):
-    """``score_model(x, t) -> grad_x log p_t(x)``, ``x`` ``(N, *event_shape)``, ``t`` ``(N,)``."""
+    """``score_model(x, t) -> grad_x log p_t(x)``, ``x`` ``(N, *event_shape)``, ``t`` ``(N,)``; a conditional
+    model takes the context ``(N, *context_shape)`` as a third argument."""
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, /, *context: torch.Tensor) -> torch.Tensor: ...
 
 
 class GaussianMixtureScore(nn.Module):

@@ -110,7 +110,7 @@ def test_validation_can_be_disabled():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"sampler": "langevin"}, ValueError, "sampler"),
+        ({"sampler": "annealing"}, ValueError, "sampler"),
         ({"num_steps": 0}, ValueError, "num_steps"),
         ({"num_steps": 2.5}, TypeError, "num_steps"),
         ({"sde_method": "rk4"}, ValueError, "sde_method"),

@@ -25,7 +25,7 @@ from pyro.infer import Predictive
 
 from pyro_scoreflow import VESDE, VPSDE, GaussianMixtureScore, ScoreSDEPrior, SubVPSDE
 from pyro_scoreflow.infer import DiffusionPosterior
-from pyro_scoreflow.infer._model import ModelLikelihood
+from pyro_scoreflow.infer import ModelLikelihood, linear_gaussian
 from pyro_scoreflow.infer.guidance import DPSGuidance, PiGDMGuidance
 from pyro_scoreflow.metrics import energy_distance
 
@@ -195,7 +195,7 @@ def test_dps_and_pigdm_likelihoods_agree_without_noise(prior):
     """The model's log p(y | x) (DPS) equals the whitened linear-Gaussian form (PiGDM) at r_t = 0."""
     A, y = torch.tensor([[1.0, 0.5], [0.0, 2.0], [2.0, -1.0]]), torch.tensor([0.3, 0.4, 0.1])
     likelihood = ModelLikelihood(model, (prior, A, SIGMA, y))
-    linear = likelihood.linear_gaussian()
+    linear = linear_gaussian(likelihood)
     torch.testing.assert_close(linear.matrix, A / SIGMA)
     x0 = torch.randn(7, 2)
     dps = DPSGuidance(likelihood)(x0, None, None)
@@ -246,12 +246,12 @@ def test_nested_plates_and_scaled_sites(prior):
     loc = (x0 @ w)[:, None, None] + offsets[:, None]
     expected = dist.Normal(loc, 2 * SIGMA).log_prob(y).sum((-1, -2))
     torch.testing.assert_close(likelihood.log_likelihood(x0), expected)
-    linear = likelihood.linear_gaussian()  # 12 rows w / (2 sigma)
+    linear = linear_gaussian(likelihood)  # 12 rows w / (2 sigma)
     torch.testing.assert_close(linear.matrix, (w / (2 * SIGMA)).expand(12, 2))
     torch.testing.assert_close(linear.offset, (offsets[:, None] / (2 * SIGMA)).expand(3, 4).reshape(12))
     A, y = PROBLEMS["2d"]
     scaled = poutine.scale(model, scale=4.0)  # four times the log density of noise 2 sigma: noise sigma
-    linear = ModelLikelihood(scaled, (prior, A, 2 * SIGMA, y)).linear_gaussian()
+    linear = linear_gaussian(ModelLikelihood(scaled, (prior, A, 2 * SIGMA, y)))
     torch.testing.assert_close(linear.matrix, A / SIGMA)
 
 

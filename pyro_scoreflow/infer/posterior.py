@@ -27,39 +27,23 @@ References:
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
+from ..checks import ArgumentTypeError, check_choice, check_int, check_optional, check_real
 from ..distribution import ScoreSDEPrior
-from ..dynamics import ScoreField, SolverError, model_dtype_device
-from ._model import ModelLikelihood, NotLinearGaussian
-from .guidance import DPSGuidance, PiGDMGuidance
+from ..dynamics import model_dtype_device
+from ..samplers import pc_sample
+from .guidance import DPSGuidance, GuidedScoreField, PiGDMGuidance
+from .likelihood import ModelLikelihood
+from .linear_gaussian import NotLinearGaussian, linear_gaussian
 
 __all__ = ["DiffusionPosterior", "GUIDANCES"]
 
 GUIDANCES = ("dps", "pigdm", "auto")
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(name: str, value, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'} and finite, got {value}")
-    return value
 
 
 class DiffusionPosterior:
@@ -165,36 +149,30 @@ class DiffusionPosterior:
         max_plate_nesting: int | None = None,
     ):
         if not callable(model):
-            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.model = model
-        self.num_samples = _check_int("num_samples", num_samples, 1)
-        if not isinstance(guidance, str) or guidance not in GUIDANCES:
-            raise ValueError(f"guidance must be one of {list(GUIDANCES)}, got {guidance!r}")
-        self.guidance = guidance
+        self.num_samples = check_int("num_samples", num_samples)
+        self.guidance = check_choice("guidance", guidance, GUIDANCES)
         if site is not None and not isinstance(site, str):
-            raise TypeError(f"site must be a site name (str) or None, got {type(site).__name__}")
+            raise ArgumentTypeError(f"site must be a site name (str) or None, got {type(site).__name__}")
         self.site = site
-        self.num_steps = None if num_steps is None else _check_int("num_steps", num_steps, 1)
-        self.guidance_scale = _check_real("guidance_scale", guidance_scale, positive=False)
-        self.guidance_clip = (
-            None if guidance_clip is None else _check_real("guidance_clip", guidance_clip, positive=True)
-        )
+        self.num_steps = check_optional(check_int, "num_steps", num_steps)
+        self.guidance_scale = check_real("guidance_scale", guidance_scale, nonnegative=True)
+        self.guidance_clip = check_optional(check_real, "guidance_clip", guidance_clip, positive=True)
         if clip_denoised is not None:
             if not (isinstance(clip_denoised, (tuple, list)) and len(clip_denoised) == 2):
-                raise TypeError(f"clip_denoised must be a pair (low, high) or None, got {clip_denoised!r}")
-            low, high = (float(v) for v in clip_denoised)
+                raise ArgumentTypeError(f"clip_denoised must be a pair (low, high) or None, got {clip_denoised!r}")
+            low, high = (check_real("clip_denoised", v) for v in clip_denoised)
             if not low < high:
                 raise ValueError(f"clip_denoised must have low < high, got {clip_denoised!r}")
             clip_denoised = (low, high)
         self.clip_denoised = clip_denoised
-        self.corrector_steps = _check_int("corrector_steps", corrector_steps, 0)
-        self.snr = _check_real("snr", snr, positive=True)
-        self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
+        self.corrector_steps = check_int("corrector_steps", corrector_steps, minimum=0)
+        self.snr = check_real("snr", snr, positive=True)
+        self.batch_size = check_optional(check_int, "batch_size", batch_size)
         self.progress = bool(progress)
-        self.data_std = _check_real("data_std", data_std, positive=True)
-        self.max_plate_nesting = (
-            None if max_plate_nesting is None else _check_int("max_plate_nesting", max_plate_nesting, 0)
-        )
+        self.data_std = check_real("data_std", data_std, positive=True)
+        self.max_plate_nesting = check_optional(check_int, "max_plate_nesting", max_plate_nesting, minimum=0)
         self.method: str | None = None
         self.nfe: int = 0
         self.wall_time: float = 0.0
@@ -219,17 +197,20 @@ class DiffusionPosterior:
         start = time.perf_counter()
         likelihood = ModelLikelihood(self.model, args, kwargs, self.site, self.max_plate_nesting)
         prior = likelihood.prior
-        guide, self.method = self._make_guidance(likelihood)
+        guidance, self.method = self._make_guidance(likelihood)
         num_steps = prior.num_steps if self.num_steps is None else self.num_steps
         chunk = self.num_samples if self.batch_size is None else self.batch_size
-        draws = []
+        draws, fields = [], []
         with torch.no_grad():
             for lo in range(0, self.num_samples, chunk):
                 n = min(chunk, self.num_samples - lo)
-                draws.append(self._sample_chunk(prior, guide, n, num_steps))
+                x, field = self._sample_chunk(prior, guidance, n, num_steps)
+                draws.append(x)
+                fields.append(field)
+        self._warn_if_unguided(fields)
         x = torch.cat(draws)
         self._samples = {likelihood.site: x.reshape((self.num_samples,) + tuple(prior.event_shape))}
-        self.nfe = num_steps * (1 + self.corrector_steps) + int(getattr(prior, "denoise", False))
+        self.nfe = num_steps * (1 + self.corrector_steps) + int(prior.denoise)
         self.wall_time = time.perf_counter() - start
         return self
 
@@ -244,86 +225,47 @@ class DiffusionPosterior:
         if self.guidance == "dps":
             return DPSGuidance(likelihood), "dps"
         try:
-            observation = likelihood.linear_gaussian()
+            observation = linear_gaussian(likelihood)
         except NotLinearGaussian as err:
             if self.guidance == "auto":
                 return DPSGuidance(likelihood), "dps"
             raise ValueError(f"guidance='pigdm' needs linear-Gaussian observations: {err}; use guidance='dps'") from err
         return PiGDMGuidance(observation, self.data_std), "pigdm"
 
-    @staticmethod
-    def _field(prior: ScoreSDEPrior, n: int, dtype, device) -> ScoreField:
-        context = getattr(prior, "context", None)
-        if context is not None:
-            context_shape = prior.context_shape
-            context = context.expand((n,) + tuple(context_shape))
-            if context.is_floating_point():
-                context = context.to(dtype)
-            context = context.to(device)
-        return ScoreField(prior.score_model, prior.sde, prior.event_shape, context=context)
-
-    def _guided_score(self, field: ScoreField, guide, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r""":math:`s_\theta(x, t) + \zeta \nabla_x \log \hat p_t(y \mid x)` for flat ``x`` ``(B, D)``."""
-        alpha, sigma = field.sde.marginal(t)
-        if self.guidance_scale == 0:
-            return self._clipped(field(x, t), x, alpha, sigma)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            s = self._clipped(field(xg, t), xg, alpha, sigma)
-            x0 = (xg + sigma**2 * s) / alpha
-            log_lik = guide(x0.reshape((x.shape[0],) + tuple(field.event_shape)), alpha, sigma)
-            if log_lik.requires_grad:
-                (grad,) = torch.autograd.grad(log_lik.sum(), xg)
-            else:  # no observation depends on x
-                grad = torch.zeros_like(xg)
-        if not torch.isfinite(grad).all():
-            raise SolverError(
-                f"the guidance gradient is not finite at t={float(t):.4g}; check the likelihood, or lower "
-                "guidance_scale / guidance_clip, or raise num_steps"
-            )
-        guide_term = self.guidance_scale * grad.to(s.dtype)
-        if self.guidance_clip is not None:  # trust region: |guidance| <= clip sqrt(D) / sigma_t per particle
-            cap = self.guidance_clip * math.sqrt(x.shape[-1]) / sigma
-            norm = guide_term.norm(dim=-1, keepdim=True)
-            guide_term = guide_term * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
-        return s.detach() + guide_term
-
-    def _clipped(self, s: torch.Tensor, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
-        r"""With ``clip_denoised = (a, b)``: the score whose Tweedie estimate is clamped into the data's range,
-        :math:`s' = (\alpha\,\mathrm{clamp}(\hat x_0, a, b) - x)/\sigma^2` (:math:`E[x_0 \mid x_t]` lies in the
-        box whenever the data do, so only scores that are certainly wrong change)."""
-        if self.clip_denoised is None:
-            return s
-        x0 = ((x + sigma**2 * s) / alpha).clamp(*self.clip_denoised)
-        return (alpha * x0 - x) / sigma**2
-
-    def _sample_chunk(self, prior: ScoreSDEPrior, guide, n: int, num_steps: int) -> torch.Tensor:
-        sde = prior.sde
+    def _sample_chunk(self, prior: ScoreSDEPrior, guidance, n: int, num_steps: int):
         dtype, device = model_dtype_device(prior.score_model)
-        x = torch.randn(n, math.prod(prior.event_shape), dtype=dtype, device=device) * sde.prior_std()
-        field = self._field(prior, n, dtype, device)
-        ts = torch.linspace(sde.T, sde.eps, num_steps + 1, dtype=torch.float64).to(dtype=dtype, device=device)
-        has_beta = hasattr(sde, "beta")
-        steps = tqdm(range(num_steps), disable=not self.progress, desc="DiffusionPosterior", leave=False)
-        for i in steps:
-            t, dt = ts[i], ts[i] - ts[i + 1]
-            for _ in range(self.corrector_steps):
-                score = self._guided_score(field, guide, x, t)
-                z = torch.randn_like(x)
-                a = (1 - sde.beta(t) * dt).clamp_min(0) if has_beta else 1.0
-                grad_norm = score.norm(dim=-1).mean()
-                noise_norm = z.norm(dim=-1).mean()
-                delta = 2 * a * (self.snr * noise_norm / grad_norm.clamp_min(1e-12)) ** 2
-                x = x + delta * score + (2 * delta).sqrt() * z
-            score = self._guided_score(field, guide, x, t)
-            g = sde.diffusion(t)
-            x = x - (sde.drift(x, t) - g**2 * score) * dt + g * dt.sqrt() * torch.randn_like(x)
-        if getattr(prior, "denoise", False):
-            alpha, sigma = sde.marginal(ts[-1])
-            x = (x + sigma**2 * field(x, ts[-1])) / alpha
-        if not torch.isfinite(x).all():
-            raise SolverError(
-                f"guided reverse SDE ({num_steps} steps) produced non-finite samples; lower guidance_scale "
-                "or guidance_clip, or raise num_steps"
+        x = prior.sde.prior((prior.event_dim_size,), dtype=dtype, device=device).sample((n,))
+        field = GuidedScoreField(
+            prior._score_field(torch.Size([n]), dtype, device), guidance, self.guidance_scale, self.guidance_clip,
+            self.clip_denoised,
+        )  # fmt: skip
+        x = pc_sample(
+            field, x, num_steps=num_steps, corrector_steps=self.corrector_steps, snr=self.snr,
+            predictor="euler-maruyama", progress=self.progress,
+        )  # fmt: skip
+        if prior.denoise:  # Tweedie's step with the unguided score
+            t = torch.tensor(prior.sde.eps, dtype=x.dtype, device=x.device)
+            x = prior.sde.denoise(x, field.prior_score(x, t), t)
+        return x, field
+
+    def _warn_if_unguided(self, fields: list[GuidedScoreField]) -> None:
+        """Say so when the samples are prior draws in disguise: no guidance gradient, or a clip active throughout."""
+        calls = sum(f.guided_calls for f in fields)
+        if calls == 0:
+            return
+        if sum(f.zero_gradient_calls for f in fields) == calls:
+            warnings.warn(
+                "DiffusionPosterior: the likelihood's gradient with respect to the prior site was zero at every "
+                "step (observations that do not depend on it, or a detached likelihood): the samples are prior "
+                "draws",
+                RuntimeWarning,
+                stacklevel=3,
             )
-        return x
+        elif sum(f.clipped_calls for f in fields) == calls:
+            warnings.warn(
+                f"DiffusionPosterior: guidance_clip={self.guidance_clip} capped the guidance of most particles at "
+                "every step (a very small observation noise?), so the samples under-weight the observations; raise "
+                "guidance_clip (or pass None), raise num_steps, or use DiffusionSMC",
+                RuntimeWarning,
+                stacklevel=3,
+            )
