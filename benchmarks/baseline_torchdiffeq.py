@@ -16,7 +16,23 @@ import torch
 import torchdiffeq
 from torch import nn
 
-__all__ = ["NaiveAugmentedODE", "torchdiffeq_log_prob"]
+__all__ = ["NaiveAugmentedODE", "divergence_loop", "loop_vjp", "torchdiffeq_log_prob"]
+
+
+def loop_vjp(v: torch.Tensor, x: torch.Tensor, cotangents: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """Vector-Jacobian products ``(S, N, D)`` by one backward pass per cotangent (no batching)."""
+    return torch.stack(
+        [torch.autograd.grad(v, x, c, create_graph=create_graph, retain_graph=True)[0] for c in cotangents]
+    )
+
+
+def divergence_loop(v: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    r"""Exact divergence by ``D`` separate backward passes (the textbook implementation)."""
+    div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for i in range(x.shape[1]):
+        (g,) = torch.autograd.grad(v[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
+        div = div + g[:, i]
+    return div
 
 
 class NaiveAugmentedODE(nn.Module):

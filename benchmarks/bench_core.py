@@ -59,13 +59,12 @@ for _path in (str(ROOT), str(HERE)):
         sys.path.insert(0, _path)
 
 from baseline_scipy import scipy_log_prob  # noqa: E402
-from baseline_torchdiffeq import torchdiffeq_log_prob  # noqa: E402
+from baseline_torchdiffeq import divergence_loop, torchdiffeq_log_prob  # noqa: E402
 
 from pyro_scoreflow import VPSDE, GaussianMixtureScore, ScoreSDEPrior  # noqa: E402
 from pyro_scoreflow.dynamics import (  # noqa: E402
     ProbabilityFlowODE,
     ScoreField,
-    divergence_loop,
     exact_divergence,
     hutchinson_divergence,
     make_probes,

@@ -25,13 +25,13 @@ for _path in (str(ROOT), str(HERE)):
         sys.path.insert(0, _path)
 
 from baseline_scipy import scipy_log_prob  # noqa: E402
-from baseline_torchdiffeq import torchdiffeq_log_prob  # noqa: E402
+from baseline_torchdiffeq import divergence_loop, loop_vjp, torchdiffeq_log_prob  # noqa: E402
 from bench_core import Problem, fmt_e, fmt_r, fmt_t, table  # noqa: E402
 
 import pyro_scoreflow.dynamics as dynamics  # noqa: E402
 from pyro_scoreflow import ScoreNet, ScoreSDEPrior, datasets  # noqa: E402
 from pyro_scoreflow.compiled import CompiledFlow  # noqa: E402
-from pyro_scoreflow.dynamics import ScoreField, divergence_loop, exact_divergence  # noqa: E402
+from pyro_scoreflow.dynamics import ScoreField, exact_divergence  # noqa: E402
 from pyro_scoreflow.metrics import energy_distance  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
@@ -266,13 +266,14 @@ def target_latency(problem: Problem, repeats: int, fd_steps: int, out: list) -> 
 # -- c. high dimension ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def loop_divergence():
-    """Make ``log_prob`` use ``divergence_loop`` (D backward passes) instead of the batched ``exact_divergence``."""
-    saved = dynamics.exact_divergence
-    dynamics.exact_divergence = divergence_loop
+    """Make ``log_prob`` take its vector-Jacobian products one backward pass at a time (``D`` passes for the
+    exact trace, as ``divergence_loop``) instead of one batched pass."""
+    saved = dynamics.batched_vjp
+    dynamics.batched_vjp = loop_vjp
     try:
         yield
     finally:
-        dynamics.exact_divergence = saved
+        dynamics.batched_vjp = saved
 
 
 def matmul_share(fn) -> float:
@@ -305,15 +306,15 @@ def target_high_dim(sde, n: int, probes: tuple, repeats: int, tol: float, out: l
         with torch.no_grad():
             return field.probability_flow(x, t)
 
-    compiled = CompiledFlow(net, sde, (64,), "exact")
+    compiled = CompiledFlow()
     state = torch.cat([x, x.new_zeros(n, 1)], dim=-1)
 
     def compiled_divergence():
         with torch.no_grad():
-            out = compiled(t, state, None, None)
+            out = compiled(field, t, state, None, create_graph=False)
         if out is None:  # torch.compile failed (it warned): the eager path, reported as such below
             return exact_divergence(*forward(), create_graph=False)
-        return out[0][:, -1]
+        return out[:, -1]
 
     compile_seconds = timed(compiled_divergence)[0]
     fns = {

@@ -77,8 +77,8 @@ class SolverOptions:
     :ivar str predictor: the ``"pc"`` predictor: ``"reverse-diffusion"`` (exact transition kernel of
         the forward SDE, Song et al.'s choice) or ``"euler-maruyama"``.
     :ivar float langevin_step_size: ``"langevin"`` only: Song & Ermon's step size :math:`\varepsilon` (the step
-        at level :math:`i` is :math:`\tfrac{\varepsilon}{2}(\sigma_i/\alpha_i)^2/(\sigma_L/\alpha_L)^2`); ``None``
-        sets each step from ``snr`` instead.
+        at noise level :math:`i` is :math:`\tfrac{\varepsilon}{2}\sigma_i^2/\sigma_L^2`); ``None`` (default)
+        sets each step from ``snr`` instead, which needs no tuning.
     :ivar bool denoise: apply Tweedie's denoising step :math:`\hat x_0 = (x + \sigma^2 s)/\alpha` at the end.
 
     **Density** (``log_prob``, ``sample_and_log_prob``, ``flow``) and ``sampler="ode"``:

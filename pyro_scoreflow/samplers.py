@@ -175,10 +175,17 @@ def dpm_solver_sample(
 
 
 # -- Langevin ------------------------------------------------------------------------------------------
-def default_snr(sde: ForwardSDE) -> float:
-    r"""The Langevin corrector's default signal-to-noise ratio :math:`r`: 0.16, Song et al.'s setting for
-    their predictor-corrector samplers, for every SDE."""
-    return 0.16
+def default_snr(sde: ForwardSDE, sampler: str = "pc") -> float:
+    r"""The default signal-to-noise ratio :math:`r` of the Langevin steps.
+
+    ``"pc"``: 0.16, Song et al.'s setting for their predictor-corrector samplers (the corrector only
+    corrects: the predictor transports). ``"langevin"``: 0.5, i.e. steps of :math:`\sigma_i^2/2` at
+    noise level :math:`\sigma_i`: with nothing but Langevin steps to transport the particles, 0.16 lags
+    behind the annealing; measured on a 2-D mixture at 200 score evaluations (3000 samples, energy
+    distance to exact draws over its noise floor), VE: 27x (0.22), 3.6x (0.32), 1.3x (0.5), 2.9x (0.7);
+    VP: 16x, 6x, 2.9x, 7.5x. The same :math:`r` serves every SDE.
+    """
+    return 0.5 if sampler == "langevin" else 0.16
 
 
 def langevin_step(field: ScoreField, x: torch.Tensor, t: torch.Tensor, step_factor, snr: float) -> torch.Tensor:
@@ -248,30 +255,38 @@ def langevin_sample(
 ) -> torch.Tensor:
     r"""Annealed Langevin dynamics (Song & Ermon 2019) over ``num_steps`` noise levels
     :math:`t_1 > \dots > t_L = \epsilon` uniform in :math:`\lambda = \log(\alpha/\sigma)` (geometric in
-    :math:`\sigma` for the VE SDE), ``corrector_steps`` Langevin steps
-    :math:`x \leftarrow x + \delta_i s(x, t_i) + \sqrt{2\delta_i} z` at each (no predictor):
+    :math:`\sigma` for the VE SDE), ``corrector_steps`` Langevin steps at each (no predictor):
 
-    * ``step_size=None``: :math:`\delta_i` from the signal-to-noise ratio ``snr`` (:func:`langevin_step`);
-    * ``step_size`` :math:`\varepsilon`: Song & Ermon's schedule :math:`\delta_i = \tfrac{\varepsilon}{2}
-      (\sigma_i/\alpha_i)^2 / (\sigma_L/\alpha_L)^2` (their :math:`\alpha_i = \varepsilon\sigma_i^2/\sigma_L^2`).
+    .. math::
 
-    ``num_steps * corrector_steps`` score evaluations; returns the state at :math:`\epsilon`.
-    Starts from ``x_T`` (a draw of the SDE's prior).
+        x \leftarrow x + \delta_i\, s(x, t_i) + \sqrt{2\delta_i}\, z, \qquad
+        \delta_i = \tfrac{\varepsilon}{2}\, \sigma_i^2/\sigma_L^2,
+
+    Song & Ermon's schedule (their :math:`\alpha_i = \varepsilon\sigma_i^2/\sigma_L^2`, with the SDE's
+    marginal std :math:`\sigma_i`): every level takes the same step relative to its noise scale. With
+    ``step_size=None``, :math:`\varepsilon = 4 r^2 \sigma_L^2` (``snr`` :math:`r`), i.e.
+    :math:`\delta_i = 2 r^2 \sigma_i^2`: the step the corrector's signal-to-noise rule
+    (:func:`langevin_step`) takes when the particles are in equilibrium at a noise-dominated level
+    (:math:`\|z\|^2/\|s\|^2 \approx \sigma_i^2`). A schedule-based step, unlike the rule itself, cannot
+    stall when the particles lag behind the annealing (their large scores would shrink the rule's step).
+    Stability at every level needs :math:`\varepsilon \lesssim \sigma_L^2`.
+
+    ``num_steps * corrector_steps`` score evaluations; starts from ``x_T`` (a draw of the SDE's prior)
+    and returns the state at :math:`\epsilon`.
     """
     sde = field.sde
-    snr = default_snr(sde) if snr is None else snr
     ts = log_snr_schedule(sde, num_steps, torch.float64, x_T.device)[1:]
-    lams = sde.log_snr(ts)
+    variances = sde.marginal(ts)[1] ** 2
+    if step_size is None:
+        r = default_snr(sde, "langevin") if snr is None else snr
+        step_size = 4 * r**2 * float(variances[-1])
+    deltas = 0.5 * step_size * variances / variances[-1]
     ts = ts.to(x_T.dtype)
     x = x_T
     for i in range(num_steps):
-        t = ts[i]
+        delta = float(deltas[i])
         for _ in range(corrector_steps):
-            if step_size is None:
-                x = langevin_step(field, x, t, 1.0, snr)
-            else:
-                delta = 0.5 * step_size * math.exp(-2 * float(lams[i] - lams[-1]))
-                x = x + delta * field(x, t) + math.sqrt(2 * delta) * torch.randn_like(x)
+            x = x + delta * field(x, ts[i]) + math.sqrt(2 * delta) * torch.randn_like(x)
     return _check_finite(x, f"annealed Langevin ({num_steps} levels x {corrector_steps} steps)")
 
 

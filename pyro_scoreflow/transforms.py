@@ -133,7 +133,9 @@ class ProbabilityFlowTransform(Transform):
                 probes, draw_probes = draw_probes(), None
         compiled = None
         if options.compile:
-            compiled = self._compiled.setdefault(options.divergence, CompiledFlow())
+            compiled = self._compiled.get(options.divergence)
+            if compiled is None:
+                compiled = self._compiled[options.divergence] = CompiledFlow()
         return ProbabilityFlowODE(field, options.divergence, probes, compiled, draw_probes)
 
     def solve(

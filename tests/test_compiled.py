@@ -5,6 +5,7 @@ and each compiles as few graphs as it can (one grad mode, one batch size).
 """
 
 import os
+import pickle
 import shutil
 
 import pytest
@@ -120,3 +121,14 @@ def test_compile_option_round_trips_and_is_shared_with_expanded_copies():
     assert prior.with_options(sampler="ode").compile is True
     assert prior.expand((4,))._compiled is prior._compiled
     assert ScoreSDEPrior(mixture_2d(sde), sde, (2,)).compile is False
+
+
+@needs_compiler
+def test_used_compiled_prior_pickles():
+    """Multi-chain MCMC with spawn/forkserver and torch.save pickle the prior after it compiled."""
+    sde = VPSDE()
+    prior = ScoreSDEPrior(mixture_2d(sde), sde, (2,), compile=True, rtol=1e-4, atol=1e-4)
+    x = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    lp = prior.log_prob(x)
+    copy = pickle.loads(pickle.dumps(prior))
+    torch.testing.assert_close(copy.log_prob(x.clone()), lp)

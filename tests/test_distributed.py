@@ -93,6 +93,7 @@ def test_fit_distributed_argument(monkeypatch):
 
 # -- 2 processes -------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "tol"), [("float32", {"rtol": 1e-5, "atol": 1e-6}), ("float64", {"rtol": 1e-11, "atol": 1e-13})]
 )

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from pyro_scoreflow import (
+    VESDE,
+    VPSDE,
     ConditionalScoreSDEPrior,
     GaussianMixtureScore,
     ScoreNet,
     ScoreSDEPrior,
     SolverError,
-    VESDE,
-    VPSDE,
     fit,
 )
 

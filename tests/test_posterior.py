@@ -24,8 +24,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 
 from pyro_scoreflow import VESDE, VPSDE, GaussianMixtureScore, ScoreSDEPrior, SubVPSDE
-from pyro_scoreflow.infer import DiffusionPosterior
-from pyro_scoreflow.infer import ModelLikelihood, linear_gaussian
+from pyro_scoreflow.infer import DiffusionPosterior, ModelLikelihood, linear_gaussian
 from pyro_scoreflow.infer.guidance import DPSGuidance, PiGDMGuidance
 from pyro_scoreflow.metrics import energy_distance
 
