@@ -1,6 +1,7 @@
 """pyro_scoreflow: score-based diffusion models as Pyro distributions."""
 
 from . import datasets, infer
+from ._version import __version__
 from .conditional import ConditionalScoreSDEPrior
 from .distribution import ScoreSDEPrior
 from .dynamics import SolverError
@@ -9,8 +10,6 @@ from .scores import GaussianMixtureScore, ScoreModel
 from .sde import VESDE, VPSDE, ForwardSDE, SubVPSDE
 from .training import fit
 from .transforms import ProbabilityFlowTransform
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ConditionalScoreSDEPrior",

@@ -48,6 +48,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ._version import __version__
 from .networks import ScoreNet
 from .options import SolverOptions
 from .sde import ForwardSDE, sde_from_config
@@ -220,8 +221,6 @@ def save_checkpoint(
 
 
 def _make_config(score_model, sde, event_shape, options, metadata) -> dict:
-    from . import __version__
-
     if type(score_model) is not ScoreNet:
         raise TypeError(
             f"only pyro_scoreflow.networks.ScoreNet models can be saved (their architecture is rebuilt from a "

@@ -110,7 +110,7 @@ class ScoreSDEPrior(TorchDistribution):
     :param options: solver and sampler options (``sampler``, ``num_steps``, ``sde_method``, ``ode_method``,
         ``rtol``, ``atol``, ``divergence``, ``hutchinson_samples``, ``hutchinson_probe``, ``hutchinson_seed``,
         ``hutchinson_redraw``, ``dpm_order``, ``dpm_end_time``, ``corrector_steps``, ``snr``, ``predictor``,
-        ``langevin_step_size``, ``adjoint``, ``compile``, ``denoise``, ``max_num_steps``): see
+        ``langevin_step_size``, ``adjoint``, ``compile``, ``denoise``, ``max_num_steps``, ``grad_chunk_size``): see
         :class:`~pyro_scoreflow.options.SolverOptions`.
     :param batch_shape: the batch shape (usually set by :meth:`expand`).
     :param torch.Tensor context: for a conditional score model ``score_model(x, t, context)``:
@@ -371,11 +371,41 @@ class ScoreSDEPrior(TorchDistribution):
             cached = self._cache.get(value, self.score_model, self.context, self._memo_key())
             if cached is not None and cached.shape == out_shape:
                 return cached
-        x_T, integral = self.flow.solve(x, self.sde.eps, self.sde.T)
-        lp = self.sde.prior_log_prob(x_T, len(self.event_shape)) + integral
+        chunk = self._options.grad_chunk_size
+        if chunk is not None and self._value_gradient_only(value) and x.numel() > chunk * self.event_dim_size:
+            lp = self._log_prob_in_chunks(x, chunk)
+        else:
+            lp = self._log_prob(x)
         lp = lp.expand(out_shape)
         self._cache.put(value, self.score_model, self.context, self._memo_key(), lp)
         return lp
+
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        x_T, integral = self.flow.solve(x, self.sde.eps, self.sde.T)
+        return self.sde.prior_log_prob(x_T, len(self.event_shape)) + integral
+
+    def _value_gradient_only(self, value: torch.Tensor) -> bool:
+        """Gradients are wanted for the value and for nothing else (the case chunking can serve)."""
+        if not (torch.is_grad_enabled() and value.requires_grad) or self.context is not None:
+            return False
+        model = self.score_model
+        return not (isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters()))
+
+    def _log_prob_in_chunks(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``log_prob`` of many points with a value gradient, in memory bounded by one chunk's graph: each
+        chunk's gradient is taken right after its solve, and backward multiplies by it (``grad_chunk_size``)."""
+        k = len(self.event_shape)
+        flat = x.detach().reshape((-1,) + self.event_shape)
+        values, grads = [], []
+        for part in flat.split(chunk):
+            part = part.requires_grad_(True)
+            with torch.enable_grad():
+                lp = self._log_prob(part)
+                (grad,) = torch.autograd.grad(lp.sum(), part)
+            values.append(lp.detach())
+            grads.append(grad)
+        lead = x.shape[: x.dim() - k]
+        return _PrecomputedGradient.apply(x, torch.cat(values).reshape(lead), torch.cat(grads).reshape(x.shape))
 
     def log_prob_lower_bound(self, value: torch.Tensor, num_samples: int = 64) -> torch.Tensor:
         r"""A Monte Carlo denoising score-matching lower bound on :math:`\log p(value)`, no ODE.
@@ -438,6 +468,20 @@ class ScoreSDEPrior(TorchDistribution):
         integral = weight * (sde.T - sde.eps) * integrand.reshape(n, half).mean(-1)
         bound = prior_term - 0.5 * integral + drift_term
         return bound.reshape(out_shape)
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """``values`` as a function of ``x`` whose per-point gradient ``grad`` (shaped like ``x``) is already known."""
+
+    @staticmethod
+    def forward(ctx, x, values, grad):
+        ctx.save_for_backward(grad)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output.reshape(grad_output.shape + (1,) * (grad.dim() - grad_output.dim())) * grad, None, None
 
 
 def _option_property(name: str) -> property:
