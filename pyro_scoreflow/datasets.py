@@ -152,7 +152,7 @@ def _check_name(name: str) -> None:
 
 def _digit_pixels() -> torch.Tensor:
     """The 1797 images as integer pixel values 0..16, ``(1797, 64)``."""
-    try:
+    try:  # an optional dependency (pyro_scoreflow[digits]), imported only for "digits"
         from sklearn.datasets import load_digits
     except ImportError as err:
         raise ImportError(_DIGITS_INSTALL_HINT) from err

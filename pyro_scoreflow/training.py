@@ -52,20 +52,12 @@ from .checks import (
 )
 from .distribution import ScoreSDEPrior
 from .dynamics import model_dtype_device
-from .losses import WEIGHTINGS, TimeSampler, dsm_loss, weighted_dsm_loss
+from .losses import WEIGHTINGS as WEIGHTINGS  # re-exported, as are TimeSampler and dsm_loss
+from .losses import TimeSampler, weighted_dsm_loss
+from .losses import dsm_loss as dsm_loss
 from .sde import ForwardSDE
 
-__all__ = [
-    "fit",
-    "dsm_loss",
-    "validation_loss",
-    "train_step",
-    "EMA",
-    "FitHistory",
-    "TimeSampler",
-    "TrainingDivergedError",
-    "WEIGHTINGS",
-]
+__all__ = ["fit", "validation_loss", "train_step", "EMA", "FitHistory", "TrainingDivergedError"]
 
 
 def train_step(
