@@ -12,9 +12,14 @@ of Song et al. (2021) is
 with :math:`D` the event size (:func:`dsm_loss` is the per-point :math:`\|\sigma s_\theta + z\|^2/D`).
 Two weightings (:data:`WEIGHTINGS`):
 
-* ``"score"``: :math:`w = \sigma^2`, the DDPM noise-prediction loss; times uniform on :math:`[\epsilon, T]`.
+* ``"score"``: :math:`w = \sigma^2`, i.e. :math:`\|\sigma s_\theta + z\|^2`, the DDPM noise-prediction loss
+  (:math:`\|z - \epsilon_\theta\|^2` for a :class:`~pyro_scoreflow.networks.ScoreNet`); times uniform on
+  :math:`[\epsilon, T]`. Best sample quality.
 * ``"likelihood"``: :math:`w = g^2` (Song, Durkan, Murray & Ermon 2021), for which :math:`J` bounds the
-  KL divergence from the data to the model. For every linear SDE,
+  KL divergence from the data to the model, so it trains for log-likelihood. Its integrand
+  :math:`(g^2/\sigma^2)\,\|\sigma s_\theta + z\|^2` is dominated by small :math:`t`, where
+  :math:`g^2/\sigma^2 \sim 1/t`, so the times are importance sampled. For every linear SDE
+  (:math:`\alpha' = f\alpha`, :math:`(\sigma^2)' = 2f\sigma^2 + g^2`),
   :math:`g^2/\sigma^2 = -\tfrac{d}{dt}\,2\lambda(t)` with :math:`\lambda = \log\alpha - \log\sigma` the
   SDE's (half) log-SNR (:meth:`~pyro_scoreflow.sde.ForwardSDE.log_snr`), so times are drawn with density
   :math:`q(t) \propto g^2/\sigma^2`, i.e. uniformly in :math:`\lambda`:
@@ -32,6 +37,8 @@ References:
     Modeling through Stochastic Differential Equations", ICLR 2021.
 [2] Y. Song, C. Durkan, I. Murray, S. Ermon, "Maximum Likelihood Training of Score-Based Diffusion
     Models", NeurIPS 2021.
+[3] D. P. Kingma, T. Salimans, B. Poole, J. Ho, "Variational Diffusion Models", NeurIPS 2021 (the log-SNR
+    parametrisation).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from .sde import ForwardSDE, _broadcast_time
 
 __all__ = ["WEIGHTINGS", "TimeSampler", "dsm_bound", "dsm_loss", "weighted_dsm_loss"]
 
+#: the weightings of the objective: ``"score"`` (weight sigma^2) and ``"likelihood"`` (weight g^2)
 WEIGHTINGS = ("score", "likelihood")
 
 
