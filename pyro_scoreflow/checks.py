@@ -18,6 +18,7 @@ __all__ = [
     "check_batch_shape",
     "check_bool",
     "check_choice",
+    "check_device",
     "check_event_shape",
     "check_int",
     "check_optional",
@@ -121,3 +122,24 @@ def check_batch_shape(batch_shape, name: str = "batch_shape") -> torch.Size:
     if any(s < 0 for s in shape):
         raise ValueError(f"{name} must be a tuple of non-negative ints, got {tuple(shape)}")
     return shape
+
+
+def check_device(name: str, value) -> torch.device:
+    """A ``torch.device``, or a string or index naming one, that this build of torch can allocate on.
+
+    ``"cuda"`` on a CPU-only build (torch raises an ``AssertionError`` there), or a GPU index beyond the
+    machine's, is a ``ValueError`` naming the argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+        raise ArgumentTypeError(f"{name} must be a torch.device, a string such as 'cpu' or 'cuda', or a GPU index, "
+                                f"got {value!r} ({type(value).__name__})")  # fmt: skip
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda', got {value!r}") from err
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{name}={value!r}: this machine cannot use device {device} ({reason})") from err
+    return device

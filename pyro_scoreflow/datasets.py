@@ -36,10 +36,11 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import torch
+
+from .checks import check_choice, check_int, check_optional
 
 __all__ = ["load", "names", "event_shape"]
 
@@ -129,19 +130,15 @@ def load(name: str, num_samples: int | None = None, seed: int = 0, split: str = 
     :param int seed: seeds the points (2-D sets) or the dequantization noise (``"digits"``).
     :param str split: ``"train"``, ``"test"`` or ``"all"``; only ``"digits"``
         has splits, the 2-D sets ignore it.
-    :raises ValueError: for an unknown ``name`` or ``split`` or a bad ``num_samples``.
+    :raises ValueError: for an unknown ``name`` or ``split`` or a bad ``num_samples`` or ``seed`` (a wrong type
+        raises :class:`~pyro_scoreflow.checks.ArgumentTypeError`, also a ``TypeError``).
     :raises ImportError: for ``"digits"`` without scikit-learn.
     """
     _check_name(name)
-    if not isinstance(split, str) or split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
-        num_samples = int(num_samples)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    gen = torch.Generator().manual_seed(int(seed))
+    split = check_choice("split", split, SPLITS)
+    num_samples = check_optional(check_int, "num_samples", num_samples)
+    seed = check_int("seed", seed, minimum=-(2**63), maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
+    gen = torch.Generator().manual_seed(seed)
     if name == "digits":
         return _digits(num_samples, split, gen)
     sampler, mean, scale = _TOY[name]
@@ -150,13 +147,12 @@ def load(name: str, num_samples: int | None = None, seed: int = 0, split: str = 
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or name not in _SHAPES:
-        raise ValueError(f"name must be one of {names()}, got {name!r}")
+    check_choice("name", name, names())
 
 
 def _digit_pixels() -> torch.Tensor:
     """The 1797 images as integer pixel values 0..16, ``(1797, 64)``."""
-    try:
+    try:  # an optional dependency (pyro_scoreflow[digits]), imported only for "digits"
         from sklearn.datasets import load_digits
     except ImportError as err:
         raise ImportError(_DIGITS_INSTALL_HINT) from err

@@ -15,6 +15,7 @@ from torch.distributions import constraints, register_kl
 from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import ArgumentTypeError, check_batch_shape, check_event_shape, check_int
 from .dynamics import ScoreField, SolverError, model_dtype_device
+from .losses import dsm_bound
 from .memo import LogProbMemo
 from .options import SAMPLERS, SolverOptions
 from .samplers import final_time, sample_with_options
@@ -305,8 +306,8 @@ class ScoreSDEPrior(TorchDistribution):
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        """Write ``config.json`` (SDE, network, event shape, solver options, version) and
-        ``model.safetensors`` to ``directory``, atomically. See :mod:`pyro_scoreflow.checkpoint`."""
+        """Write ``config.json`` (SDE, network, event shape, solver options, version) and the weights
+        (``model-<hash>.safetensors``) to ``directory``, atomically. See :mod:`pyro_scoreflow.checkpoint`."""
         save_checkpoint(directory, self.score_model, self.sde, self.event_shape, self.options)
 
     @classmethod
@@ -316,14 +317,18 @@ class ScoreSDEPrior(TorchDistribution):
         """Load a prior saved by :meth:`save_pretrained`, or a shipped one by name (e.g. ``"moons"``).
 
         Never unpickles. ``options`` override the saved solver options; ``map_location`` moves
-        the weights (e.g. ``"cuda"``). The network loads in eval mode and frozen
-        (``requires_grad=False``: ``log_prob`` then builds no graph through the weights); pass
-        ``trainable=True`` to fine-tune it (``pyro.module("prior", prior.score_model)`` + SVI, or any
-        optimiser on ``prior.score_model.parameters()``)."""
-        model, sde, event_shape, saved = load_checkpoint(name_or_directory, map_location=map_location)
-        if not isinstance(trainable, bool):
-            raise ArgumentTypeError(f"trainable must be True or False, got {trainable!r}")
-        model.requires_grad_(trainable)
+        the weights (e.g. ``"cuda"``). A string equal to a shipped name always means the shipped prior,
+        even when the working directory holds a folder of that name (a warning then says so); any other
+        string, and a ``pathlib.Path``, is a directory: write a local folder named like a shipped prior as
+        ``"./moons"`` or ``Path("moons")``.
+
+        :param bool trainable: ``False`` (default): the network is frozen (``requires_grad=False``; ``log_prob``
+            builds no graph through the weights). ``True``: its weights require gradients, to fine-tune with
+            :func:`~pyro_scoreflow.fit` or SVI (``pyro.module("prior", prior.score_model)``). Eval mode either way.
+        """
+        model, sde, event_shape, saved = load_checkpoint(
+            name_or_directory, map_location=map_location, trainable=trainable
+        )
         return cls(model, sde, event_shape, **{**saved, **options})
 
     # -- density ---------------------------------------------------------------------------------------
@@ -376,7 +381,8 @@ class ScoreSDEPrior(TorchDistribution):
             lp = self._log_prob_in_chunks(x, chunk)
         else:
             lp = self._log_prob(x)
-        lp = lp.expand(out_shape)
+        if lp.shape != out_shape:
+            lp = lp.expand(out_shape)
         self._cache.put(value, self.score_model, self.context, self._memo_key(), lp)
         return lp
 
@@ -434,40 +440,11 @@ class ScoreSDEPrior(TorchDistribution):
         x, out_shape = self._prepare_value(value)
         if x.numel() == 0:
             raise ValueError(f"value must hold at least one point, got shape {tuple(value.shape)}")
-        dtype, device = x.dtype, x.device
         x = x.expand(out_shape + self.event_shape).reshape(-1, self.event_dim_size)
-        n, d = x.shape
-        sde = self.sde
-        # E[log pi(x_T)] with x_T ~ N(alpha_T x, sigma_T^2 I) and pi = N(0, s^2 I)
-        t_end = torch.tensor([sde.eps, sde.T], dtype=dtype, device=device)
-        alphas, sigmas = sde.marginal(t_end)
-        s2 = sde.prior_std() ** 2
-        prior_term = -0.5 * (alphas[1] ** 2 * (x**2).sum(-1) + d * sigmas[1] ** 2) / s2 - 0.5 * d * math.log(
-            2 * math.pi * s2
-        )
-        drift_term = d * torch.log(alphas[1] / alphas[0])
-        # the time integral: u stratified, t uniform in the log-SNR (density g^2/sigma^2 / Z), antithetic z
-        half = (num_samples + 1) // 2
-        lam = sde.log_snr(t_end.double())
-        u = (torch.arange(half, dtype=dtype, device=device) + torch.rand(n, half, dtype=dtype, device=device)) / half
-        t = sde.inverse_log_snr(lam[0] - u.reshape(-1).double() * (lam[0] - lam[1])).to(dtype)
-        weight = float(2 * (lam[0] - lam[1])) / (sde.T - sde.eps)  # Z / (T - eps), Z = the log-SNR's range
-        z = torch.randn(n * half, d, dtype=dtype, device=device)
-        alpha, sigma = sde.marginal(t)
-        alpha, sigma = alpha.unsqueeze(-1), sigma.unsqueeze(-1)
-        xs = x.repeat_interleave(half, 0)
-        field = self._score_field(out_shape, dtype, device)
-        if field.context is not None:  # one context row per point, repeated for its times
-            field.context = field.context.repeat_interleave(half, 0)
-        terms = []
-        for sign in (1.0, -1.0):
-            x_t = alpha * xs + sign * sigma * z
-            score = field(x_t, t)
-            terms.append((sigma * score + sign * z).pow(2).sum(-1) - z.pow(2).sum(-1))
-        integrand = 0.5 * (terms[0] + terms[1])  # antithetic average, (n * half,)
-        integral = weight * (sde.T - sde.eps) * integrand.reshape(n, half).mean(-1)
-        bound = prior_term - 0.5 * integral + drift_term
-        return bound.reshape(out_shape)
+        field = self._score_field(out_shape, x.dtype, x.device)
+        if field.context is not None:  # one context row per point, repeated for its times (dsm_bound's row order)
+            field.context = field.context.repeat_interleave((num_samples + 1) // 2, 0)
+        return dsm_bound(field, self.sde, x, num_samples).reshape(out_shape)
 
 
 class _PrecomputedGradient(torch.autograd.Function):

@@ -1,41 +1,16 @@
-r"""Training score models by denoising score matching (:func:`fit`).
+r"""Training score models by denoising score matching: :func:`fit`.
 
-For data :math:`x_0`, :math:`t \in [\epsilon, T]`, :math:`z \sim \mathcal N(0, I)`
-and :math:`x_t = \alpha(t) x_0 + \sigma(t) z` (the SDE's marginal), the
-denoising score-matching objective of Song et al. (2021) is
-
-.. math::
-
-    J(\theta) = E_{t \sim U[\epsilon, T]}\, E_{x_0, z}\,
-        \lambda(t)\,\big\| s_\theta(x_t, t) + z/\sigma(t) \big\|^2 / D,
-
-with :math:`D` the event size (the loss is reported per dimension). Two weightings:
-
-* ``weighting="score"``: :math:`\lambda = \sigma^2`, i.e.
-  :math:`\|\sigma s_\theta + z\|^2`, the DDPM noise-prediction loss
-  (:math:`\|z - \epsilon_\theta\|^2` for a :class:`~pyro_scoreflow.networks.ScoreNet`).
-  Best sample quality.
-* ``weighting="likelihood"``: :math:`\lambda = g^2` (Song, Durkan, Murray &
-  Ermon 2021), for which :math:`J` bounds the KL divergence from the data to
-  the model, so it trains for log-likelihood. The integrand
-  :math:`g^2\|s + z/\sigma\|^2 = (g^2/\sigma^2)\,\|\sigma s + z\|^2` is
-  dominated by small :math:`t`, where :math:`g^2/\sigma^2 \sim 1/t`, so
-  :math:`t` is importance sampled from :math:`q(t) \propto g(t)^2/\sigma(t)^2`
-  and reweighted by :math:`\lambda / (\sigma^2 q (T - \epsilon)) = Z/(T - \epsilon)`,
-  a constant, so that the estimate of :math:`J` stays unbiased. For every
-  linear SDE (:math:`\alpha' = f\alpha`, :math:`(\sigma^2)' = 2f\sigma^2 + g^2`),
-  :math:`g^2/\sigma^2 = -\tfrac{d}{dt}\lambda_{SNR}(t)` with the log-SNR
-  :math:`\lambda_{SNR} = \log(\alpha^2/\sigma^2)`: :math:`q` is uniform in
-  the log-SNR, :math:`Z = \lambda_{SNR}(\epsilon) - \lambda_{SNR}(T)`, and
-  :math:`t = \lambda_{SNR}^{-1}(\lambda_{SNR}(\epsilon) - uZ)`,
-  :math:`u \sim U[0, 1)`, is found by bisection on the SDE's own ``marginal``
-  (exact inverse CDF, to float64 round-off).
+The objective, the time sampling of the two weightings (``"score"`` and ``"likelihood"``) and the
+loss of a batch live in :mod:`pyro_scoreflow.losses`; this module runs the optimisation, and
+:mod:`pyro_scoreflow.distributed` shards it over processes.
 
 Optimisation: Adam, gradient-norm clipping, and an exponential moving average
 (EMA) of the weights, whose decay ramps up as
 :math:`\min(d, (1 + k)/(10 + k))` after :math:`k` updates so that short runs
 are not dominated by the initial weights. :func:`fit` returns the model with
-the EMA weights loaded; the raw weights stay in ``model.fit_history``.
+the EMA weights loaded; the raw weights stay in ``model.fit_history``. A
+non-finite training loss stops training with :class:`TrainingDivergedError`
+and restores the weights the model had before ``fit``.
 
 Randomness: each step draws, in this order, the data indices of the whole
 batch (epochs of random permutations), then :math:`u` (the times) and then
@@ -46,15 +21,6 @@ data-parallel training with ``DistributedDataParallel`` (gradients averaged
 over processes) follows single-process training step by step, up to float
 round-off. The EMA is kept identically on every process; the progress bar
 shows on rank 0 only.
-
-References:
-
-[1] Y. Song, J. Sohl-Dickstein, D. P. Kingma, A. Kumar, S. Ermon, B. Poole,
-    "Score-Based Generative Modeling through Stochastic Differential
-    Equations", ICLR 2021.
-[2] Y. Song, C. Durkan, I. Murray, S. Ermon, "Maximum Likelihood Training of
-    Score-Based Diffusion Models", NeurIPS 2021.
-[3] D. P. Kingma, T. Salimans, B. Poole, J. Ho, "Variational Diffusion Models", NeurIPS 2021.
 """
 
 from __future__ import annotations
@@ -62,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,108 +36,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import distributed as _distributed
-from .checks import check_int, check_real
+from . import distributed as D
+from .checks import (
+    MAX_STEPS,
+    ArgumentTypeError,
+    check_bool,
+    check_device,
+    check_int,
+    check_optional,
+    check_real,
+    check_seed,
+)
+from .distribution import ScoreSDEPrior
 from .dynamics import model_dtype_device
-from .sde import ForwardSDE, _broadcast_time
+from .losses import WEIGHTINGS as WEIGHTINGS  # re-exported, as are TimeSampler and dsm_loss
+from .losses import TimeSampler, weighted_dsm_loss
+from .losses import dsm_loss as dsm_loss
+from .sde import ForwardSDE
 
-__all__ = [
-    "fit",
-    "dsm_loss",
-    "validation_loss",
-    "train_step",
-    "EMA",
-    "FitHistory",
-    "TimeSampler",
-    "TrainingDivergedError",
-    "WEIGHTINGS",
-]
-
-WEIGHTINGS = ("score", "likelihood")
-_BISECTION_STEPS = 64
-
-
-# -- the objective ------------------------------------------------------------------------
-class TimeSampler:
-    r"""Draws diffusion times and their importance weights for a weighting.
-
-    ``sampler(u)`` maps :math:`u \in [0, 1)` to :math:`(t, w)` such that
-    :math:`E_u[w\,h(t)] = E_{t \sim U[\epsilon, T]}[\lambda(t)/\sigma(t)^2\, h(t)]`
-    for any :math:`h`: :math:`t = \epsilon + u(T - \epsilon)`, :math:`w = 1` for
-    ``"score"``; the inverse CDF of :math:`q \propto g^2/\sigma^2` and
-    :math:`w = Z/(T - \epsilon)` for ``"likelihood"`` (see the module docstring).
-    """
-
-    def __init__(self, sde: ForwardSDE, weighting: str = "score"):
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
-        self.sde = sde
-        self.weighting = weighting
-        if weighting == "likelihood":
-            ends = self.log_snr(torch.tensor([sde.eps, sde.T], dtype=torch.float64))
-            self._lambda_eps, self._lambda_T = float(ends[0]), float(ends[1])
-            self.weight = (self._lambda_eps - self._lambda_T) / (sde.T - sde.eps)
-        else:
-            self.weight = 1.0
-
-    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        r""":math:`\lambda_{SNR}(t) = \log(\alpha(t)^2/\sigma(t)^2)`, decreasing in :math:`t`."""
-        alpha, std = self.sde.marginal(t)
-        return 2 * (torch.log(alpha) - torch.log(std))
-
-    def density(self, t: torch.Tensor) -> torch.Tensor:
-        r"""The density of the sampled times on :math:`[\epsilon, T]`: :math:`q(t)`."""
-        if self.weighting == "score":
-            return torch.full_like(t, 1 / (self.sde.T - self.sde.eps))
-        g2_over_var = self.sde.diffusion(t) ** 2 / self.sde.marginal(t)[1] ** 2
-        return g2_over_var / (self._lambda_eps - self._lambda_T)
-
-    def __call__(self, u: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Times ``t`` (shaped and typed like ``u``) and their common weight."""
-        sde = self.sde
-        if self.weighting == "score":
-            return sde.eps + u * (sde.T - sde.eps), self.weight
-        target = self._lambda_eps - u.double() * (self._lambda_eps - self._lambda_T)
-        lo = torch.full_like(target, sde.eps)
-        hi = torch.full_like(target, sde.T)
-        for _ in range(_BISECTION_STEPS):  # log_snr decreases: move lo up while log_snr(mid) > target
-            mid = 0.5 * (lo + hi)
-            above = self.log_snr(mid) > target
-            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-        return (0.5 * (lo + hi)).to(u.dtype), self.weight
-
-
-def dsm_loss(
-    score_model: nn.Module, sde: ForwardSDE, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor, context=None
-) -> torch.Tensor:
-    r"""Per-point :math:`\|\sigma(t)\, s_\theta(x_t, t) + z\|^2 / D` with :math:`x_t = \alpha(t) x_0 + \sigma(t) z`.
-
-    :param x0: data ``(N, *event_shape)``.
-    :param t: times ``(N,)``.
-    :param z: standard normal noise shaped like ``x0``.
-    :param context: optional context ``(N, ...)``, passed as ``score_model(x_t, t, context)``.
-    :returns: ``(N,)``.
-    """
-    alpha, std = sde.marginal(t)
-    alpha, std = _broadcast_time(alpha, x0), _broadcast_time(std, x0)
-    x_t = alpha * x0 + std * z
-    score = score_model(x_t, t) if context is None else score_model(x_t, t, context)
-    return (std * score + z).pow(2).flatten(1).mean(1)
-
-
-def _weighted_loss(
-    sde, sampler: TimeSampler, model, x0, context, u: torch.Tensor | None = None, z: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The weighted DSM loss of a batch: times from ``u`` and noise ``z`` (fresh draws where ``None``)."""
-    if u is None:
-        u = torch.rand(x0.shape[0], dtype=x0.dtype, device=x0.device)
-    if z is None:
-        z = torch.randn_like(x0)
-    t, weight = sampler(u)
-    return weight * dsm_loss(model, sde, x0, t, z, context).mean()
+__all__ = ["fit", "validation_loss", "train_step", "EMA", "FitHistory", "TrainingDivergedError"]
 
 
 def train_step(
@@ -237,7 +122,6 @@ class FitHistory:
     steps_per_second: float = math.nan
 
 
-# -- fit ----------------------------------------------------------------------------------
 def fit(
     score_model: nn.Module,
     sde: ForwardSDE,
@@ -258,7 +142,7 @@ def fit(
     device: torch.device | str | None = None,
     distributed: bool | str = "auto",
 ) -> nn.Module:
-    r"""Train ``score_model`` by denoising score matching (module docstring) and return it with EMA weights.
+    r"""Train ``score_model`` by denoising score matching (:mod:`pyro_scoreflow.losses`); return it with EMA weights.
 
     :param nn.Module score_model: ``score_model(x, t[, context])``, trained in place.
     :param ForwardSDE sde: the forward SDE.
@@ -269,24 +153,24 @@ def fit(
     :param int steps: optimisation steps.
     :param int batch_size: points per step for tensor data.
     :param float lr: Adam learning rate.
-    :param str weighting: ``"score"`` (:math:`\lambda = \sigma^2`) or
-        ``"likelihood"`` (:math:`\lambda = g^2`, importance-sampled).
+    :param str weighting: ``"score"`` (weight :math:`\sigma^2`) or ``"likelihood"`` (weight :math:`g^2`,
+        importance-sampled), see :mod:`pyro_scoreflow.losses`.
     :param float ema_decay: EMA decay in :math:`[0, 1)`; ``None`` or 0 returns the raw weights.
     :param float grad_clip: maximum gradient norm; ``None`` disables clipping.
-    :param int seed: makes training reproducible (same initial weights and seed
-        give identical weights) without touching torch's global RNG; ``None``
-        draws from the global RNG.
+    :param int seed: a non-negative integer that makes training reproducible (same initial weights and
+        seed give identical weights) without touching torch's global RNG; ``None`` draws from the global RNG.
     :param context: conditioning ``(N, ...)`` aligned with tensor ``data``.
     :param validation_data: held-out tensor; its DSM loss (stratified times,
         one draw per point) under the returned weights goes into
         ``model.fit_history.validation_loss``.
-    :param validation_context: context aligned with ``validation_data``.
-    :param bool validation_log_prob: also compute the held-out log-likelihood
+    :param validation_context: context aligned with ``validation_data`` (only with ``validation_data``).
+    :param bool validation_log_prob: with ``validation_data``, also compute the held-out log-likelihood
         (``ScoreSDEPrior(model, sde, event_shape, rtol=1e-3, atol=1e-3).log_prob``, exact trace, mean
         over ``validation_data``) into ``model.fit_history.validation_log_prob``: the honest model
         comparison, at the cost of one ODE solve (loose tolerances: errors ~1e-2 nats).
     :param bool progress: show a tqdm bar with the running loss (on rank 0 only when distributed).
-    :param device: move the model there first (default: where its parameters are; under an NCCL
+    :param device: move the model there first (a device this machine has, else ``ValueError``; default:
+        where its parameters are; under an NCCL
         process group, a model not on a GPU goes to the current CUDA device, GPU ``$LOCAL_RANK``).
     :param distributed: data-parallel training over a ``torch.distributed`` process group (see
         ``docs/distributed.md``). ``"auto"`` (default): use the initialised default process group,
@@ -302,19 +186,26 @@ def fit(
         around a ``DistributedSampler`` (unless its sampler already is one, or its dataset is an
         ``IterableDataset``, which must then shard itself). Every process returns the same model.
     :returns: ``score_model``, EMA weights loaded, with ``score_model.fit_history`` a :class:`FitHistory`.
-    :raises ValueError: for bad arguments, or data of the wrong shape or with NaN/inf, before training.
+    :raises ValueError: for bad arguments (a wrong type raises :class:`~pyro_scoreflow.checks.ArgumentTypeError`,
+        both a ``TypeError`` and a ``ValueError``), or empty data, data of the wrong shape or with NaN/inf,
+        before training.
+    :raises TrainingDivergedError: when the training loss becomes non-finite; the weights are then restored.
     """
     _check_model(score_model)
     if not isinstance(sde, ForwardSDE):
-        raise TypeError(f"sde must be a VPSDE, SubVPSDE or VESDE (a ForwardSDE), got {type(sde).__name__}")
-    steps = check_int("steps", steps)
-    batch_size = check_int("batch_size", batch_size)
+        raise ArgumentTypeError(f"sde must be a VPSDE, SubVPSDE or VESDE (a ForwardSDE), got {type(sde).__name__}")
+    steps = check_int("steps", steps, maximum=MAX_STEPS)
+    batch_size = check_int("batch_size", batch_size, maximum=MAX_STEPS)
     lr = check_real("lr", lr, positive=True)
     sampler = TimeSampler(sde, weighting)
     ema_decay = _check_ema_decay(ema_decay)
-    grad_clip = None if grad_clip is None else check_real("grad_clip", grad_clip, positive=True)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    grad_clip = check_optional(check_real, "grad_clip", grad_clip, positive=True)
+    seed = check_optional(check_seed, "seed", seed)
+    validation_log_prob = check_bool("validation_log_prob", validation_log_prob)
+    progress = check_bool("progress", progress)
+    device = check_optional(check_device, "device", device)
+    if not (distributed is True or distributed is False or distributed == "auto"):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
     event_shape = getattr(score_model, "event_shape", None)
     if isinstance(data, DataLoader):
         if context is not None:
@@ -326,22 +217,23 @@ def fit(
     if validation_data is not None:
         validation_data = _check_tensor("validation_data", validation_data, event_shape)
         validation_context = _check_context("validation_context", validation_context, validation_data.shape[0])
-    if not (distributed is True or distributed is False or distributed == "auto"):
-        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    elif validation_context is not None or validation_log_prob:
+        given = "validation_context" if validation_context is not None else "validation_log_prob=True"
+        raise ValueError(f"{given} needs validation_data")
 
-    group = _setup_distributed(distributed)
+    group = D.setup_group(distributed)
     if group is not None:
         if isinstance(data, DataLoader):
-            _check_shardable(data, group.world_size)
+            D.check_shardable(data, group.world_size)
         else:
-            _local_batch_size("batch_size", batch_size, group.world_size)
+            D.local_batch_size("batch_size", batch_size, group.world_size)
         if device is None and group.nccl and not any(p.is_cuda for p in score_model.parameters()):
             device = torch.device("cuda", torch.cuda.current_device())
-        if group.nccl and device is not None and torch.device(device).type != "cuda":
+        if group.nccl and device is not None and device.type != "cuda":
             raise ValueError(f"the NCCL backend trains on GPUs, got device={str(device)!r}: pass None or 'cuda'")
-        seed = _shared_seed(seed, group)  # a collective: after every check above, so a bad argument fails everywhere
+        seed = D.shared_seed(seed, group)  # a collective: after every check above, so a bad argument fails everywhere
         if isinstance(data, DataLoader):
-            data = _shard_loader(data, group, seed)
+            data = D.shard_loader(data, group, seed)
     if device is not None:
         score_model.to(device)
     dtype, device = model_dtype_device(score_model)
@@ -353,7 +245,7 @@ def fit(
         score_model.train()
         initial = {k: v.detach().clone() for k, v in score_model.state_dict().items()}
         try:
-            _train(score_model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group)
+            _train(score_model, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group)
         except TrainingDivergedError as err:
             score_model.load_state_dict(initial)  # never hand back (or let anyone save) NaN weights
             score_model.train(was_training)
@@ -387,8 +279,6 @@ def _max_abs(data: torch.Tensor) -> float:
 
 def _validation_log_prob(model, sde, data: torch.Tensor, context) -> float:
     """Mean held-out log-likelihood under the probability-flow ODE (exact trace, rtol = atol = 1e-3)."""
-    from .distribution import ScoreSDEPrior  # a higher layer: imported at call time only
-
     event_shape = data.shape[1:]
     options = dict(rtol=1e-3, atol=1e-3)
     if context is None:
@@ -399,7 +289,7 @@ def _validation_log_prob(model, sde, data: torch.Tensor, context) -> float:
         return float(prior.log_prob(data).mean())
 
 
-def _train(model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group) -> None:
+def _train(model, sampler, first, batches, steps, lr, ema_decay, grad_clip, progress, history, group) -> None:
     """The optimisation loop: Adam steps on the batches, EMA updates, progress; loads the EMA weights at the end.
 
     With a process group, the steps run through a ``DistributedDataParallel`` wrapper (built first: it
@@ -417,7 +307,7 @@ def _train(model, sde, sampler, first, batches, steps, lr, ema_decay, grad_clip,
     bar = tqdm(total=steps, desc="fit", disable=not progress or not main, dynamic_ncols=True)
     refresh = max(1, steps // 100)
     start = time.perf_counter()
-    loss_fn = functools.partial(_weighted_loss, sde, sampler)
+    loss_fn = functools.partial(weighted_dsm_loss, sampler)
     batch = first
     for step in range(steps):
         pending.append(train_step(net, optimizer, loss_fn, batch, grad_clip))
@@ -472,7 +362,7 @@ def validation_loss(
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         ctx = None if context is None else context[sl]
-        total += float(_weighted_loss(sde, sampler, score_model, data[sl], ctx, u[sl])) * data[sl].shape[0]
+        total += float(weighted_dsm_loss(sampler, score_model, data[sl], ctx, u[sl])) * data[sl].shape[0]
     return total / n
 
 
@@ -547,11 +437,13 @@ def _check_tensor(name: str, x, event_shape) -> torch.Tensor:
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"{name} must be a tensor (N, *event_shape), got {type(x).__name__}") from err
+            raise ArgumentTypeError(f"{name} must be a tensor (N, *event_shape), got {type(x).__name__}") from err
     if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        raise ArgumentTypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must have shape (N, *event_shape) with N >= 1, got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} has an empty event shape {tuple(x.shape[1:])}")
     if event_shape is not None and x.shape[1:] != torch.Size(event_shape):
         raise ValueError(
             f"{name} has shape {tuple(x.shape)}, but its trailing dimensions must be the model's event shape "
@@ -565,7 +457,12 @@ def _check_tensor(name: str, x, event_shape) -> torch.Tensor:
 def _check_context(name: str, context, n: int):
     if context is None:
         return None
-    context = torch.as_tensor(context)
+    try:
+        context = torch.as_tensor(context)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ArgumentTypeError(f"{name} must be a tensor with {n} rows, got {type(context).__name__}") from err
+    if context.is_complex():
+        raise ArgumentTypeError(f"{name} must hold real numbers or integer labels, got dtype {context.dtype}")
     if context.dim() == 0 or context.shape[0] != n:
         raise ValueError(f"{name} must have {n} rows to match the data, got shape {tuple(context.shape)}")
     if context.is_floating_point() and not torch.isfinite(context).all():
@@ -573,102 +470,20 @@ def _check_context(name: str, context, n: int):
     return context
 
 
-# -- distributed ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Group:
-    """The default process group as :func:`fit` uses it."""
-
-    rank: int
-    world_size: int
-    nccl: bool  # collectives need CUDA tensors
-
-
-def _setup_distributed(distributed: bool | str) -> _Group | None:
-    """The process group to train over (initialised from torchrun's environment if need be), or None for one process."""
-    if distributed is False:
-        return None
-    if not _distributed.init_from_env():
-        if distributed is True:
-            raise RuntimeError(
-                "fit(distributed=True) needs an initialised torch.distributed process group or torchrun's "
-                "environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
-            )
-        return None
-    if dist.get_world_size() == 1:
-        return None
-    backend = str(dist.get_backend())
-    return _Group(dist.get_rank(), dist.get_world_size(), nccl="nccl" in backend and "gloo" not in backend)
-
-
-def _local_batch_size(name: str, batch_size: int, world_size: int) -> int:
-    if batch_size % world_size:
-        raise ValueError(
-            f"{name} ({batch_size}) must be divisible by the number of processes ({world_size}): "
-            f"each process takes {name} // {world_size} points of every step's global batch"
-        )
-    return batch_size // world_size
-
-
-def _shared_seed(seed: int | None, group: _Group) -> int:
-    """``seed``, or (for ``None``) a seed drawn from rank 0's global RNG and broadcast to every process."""
-    if seed is not None:
-        return seed
-    value = torch.randint(0, 2**62, (1,))
-    if group.nccl:
-        value = value.cuda()
-    dist.broadcast(value, src=0)
-    return int(value.item())
-
-
-def _check_shardable(loader: DataLoader, world_size: int) -> None:
-    if isinstance(loader.sampler, DistributedSampler) or isinstance(loader.dataset, IterableDataset):
-        return  # used as is: the loader shards itself
-    if loader.batch_size is None or not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
-        raise ValueError(
-            "a DataLoader with a custom sampler or batch_sampler cannot be sharded over processes: "
-            "give one whose sampler is a torch.utils.data.DistributedSampler"
-        )
-    _local_batch_size("the DataLoader's batch_size", loader.batch_size, world_size)
-
-
-def _shard_loader(loader: DataLoader, group: _Group, seed: int) -> DataLoader:
-    """The loader rebuilt around a ``DistributedSampler``: its batch size is split over the processes.
-
-    A loader whose sampler is already a ``DistributedSampler``, or whose dataset is an ``IterableDataset``,
-    is returned as it is.
-    """
-    if isinstance(loader.sampler, DistributedSampler) or isinstance(loader.dataset, IterableDataset):
-        return loader
-    sampler = DistributedSampler(
-        loader.dataset, num_replicas=group.world_size, rank=group.rank,
-        shuffle=isinstance(loader.sampler, RandomSampler), seed=seed,
-    )  # fmt: skip
-    workers = {}
-    if loader.num_workers > 0:
-        workers = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers,
-                   "multiprocessing_context": loader.multiprocessing_context}  # fmt: skip
-    return DataLoader(
-        loader.dataset, batch_size=loader.batch_size // group.world_size, sampler=sampler,
-        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        generator=loader.generator, **workers,
-    )  # fmt: skip
-
-
 # -- argument checks and RNG -----------------------------------------------------------------
 def _check_model(score_model) -> None:
     if not isinstance(score_model, nn.Module):
-        raise TypeError(f"score_model must be a torch.nn.Module, got {type(score_model).__name__}")
+        raise ArgumentTypeError(f"score_model must be a torch.nn.Module, got {type(score_model).__name__}")
     if not any(p.requires_grad for p in score_model.parameters()):
         raise ValueError("score_model has no trainable parameters")
 
 
 def _check_ema_decay(value) -> float:
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+    """``None`` (no EMA, as 0) or a decay in ``[0, 1)``."""
+    decay = check_optional(check_real, "ema_decay", value, nonnegative=True) or 0.0
+    if decay >= 1:
         raise ValueError(f"ema_decay must lie in [0, 1) or be None, got {value!r}")
-    return float(value)
+    return decay
 
 
 @contextlib.contextmanager

@@ -3,6 +3,9 @@
 import json
 import os
 import pickle
+import shutil
+import warnings
+from pathlib import Path
 
 import pyro
 import pytest
@@ -11,14 +14,17 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from pyro_scoreflow import VPSDE, GaussianMixtureScore, ScoreSDEPrior, SubVPSDE, datasets
+from pyro_scoreflow import checkpoint as C
 from pyro_scoreflow.checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
     UnsafeCheckpointError,
     load_checkpoint,
     pretrained_names,
+    pretrained_path,
     read_config,
     save_checkpoint,
+    weights_file,
 )
 from pyro_scoreflow.networks import ScoreNet
 from pyro_scoreflow.training import fit
@@ -52,7 +58,10 @@ def test_round_trip_gives_identical_log_prob_and_samples(tmp_path):
     prior = tiny_prior()
     prior.save_pretrained(tmp_path / "ck")
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temporary directories left behind
-    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
+    listed = sorted(os.listdir(tmp_path / "ck"))
+    assert listed == sorted(["config.json", "model.safetensors", weights_file(tmp_path / "ck").name])
+    plain, named = (tmp_path / "ck" / "model.safetensors").read_bytes(), weights_file(tmp_path / "ck").read_bytes()
+    assert plain == named  # the plain name tools expect holds the same weights
     loaded = ScoreSDEPrior.from_pretrained(tmp_path / "ck")
     assert loaded.sde == prior.sde and loaded.event_shape == prior.event_shape
     assert loaded.options == prior.options
@@ -72,12 +81,13 @@ def test_config_contents_and_no_pickle(tmp_path):
     prior = tiny_prior(sde=SubVPSDE(beta_max=15.0))
     prior.save_pretrained(tmp_path)
     config = read_config(tmp_path)
-    assert config["format_version"] == 1 and config["package_version"]
+    assert config["format_version"] == 2 and config["package_version"]
+    assert config["weights_file"] == f"model-{config['weights_sha256'][:16]}.safetensors"
     assert config["sde"] == {"type": "SubVPSDE", "params": SubVPSDE(beta_max=15.0).config()["params"]}
     assert config["network"]["class"] == "ScoreNet" and config["network"]["config"]["hidden"] == 16
     assert config["event_shape"] == [2] and config["dtype"] == "float32"
     assert config["options"]["ode_method"] == "rk4" and config["options"]["num_steps"] == 10
-    raw = (tmp_path / "model.safetensors").read_bytes()
+    raw = weights_file(tmp_path).read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     assert raw[8:9] == b"{" and json.loads(raw[8 : 8 + header_len])  # a JSON header, not a pickle
     assert b"\x80\x04" not in raw[:2] and b"torch._utils" not in raw
@@ -95,6 +105,33 @@ def test_loaded_model_is_frozen_and_can_be_fine_tuned(tmp_path):
     assert x.grad is not None and torch.isfinite(x.grad).all()
     model.requires_grad_()  # documented way to fine-tune
     fit(model, sde, datasets.load("moons", 64), steps=2, batch_size=16, lr=1e-3, progress=False)
+
+
+@pytest.mark.parametrize("source", ["saved", "moons"])
+def test_trainable_load_fine_tunes(tmp_path, source):
+    """load_checkpoint(trainable=True): the weights require gradients, log_prob's gradient reaches them and an Adam
+    step changes them and the density (issue 11, item 9: shipped priors loaded frozen and SVI trained nothing)."""
+    if source == "saved":
+        tiny_prior().save_pretrained(tmp_path)
+        source = tmp_path
+    model, sde, event_shape, options = load_checkpoint(source, trainable=True)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    prior = ScoreSDEPrior(model, sde, event_shape, **{**options, "rtol": 1e-3, "atol": 1e-3})
+    x = datasets.load("moons", 4, seed=9)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        lp_before = prior.log_prob(x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    (-prior.log_prob(x).mean()).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True) if p.grad.any())
+    with torch.no_grad():
+        assert not torch.equal(prior.log_prob(x), lp_before)
+    with pytest.raises(TypeError, match="trainable"):
+        load_checkpoint(source, trainable="yes")
 
 
 def test_float64_and_image_network_with_flat_event_shape(tmp_path):
@@ -120,46 +157,59 @@ def test_map_location(tmp_path):
         assert prior.sample((4,)).is_cuda
     with pytest.raises(ValueError, match="map_location"):
         load_checkpoint(tmp_path, map_location="not-a-device")
+    # a GPU this machine lacks: torch's AssertionError ("not compiled with CUDA") became a ValueError (issue 11, 16)
+    with pytest.raises(ValueError, match="map_location"):
+        load_checkpoint(tmp_path, map_location="cuda:99" if torch.cuda.is_available() else "cuda")
+    with pytest.raises(TypeError, match="map_location"):
+        load_checkpoint(tmp_path, map_location=["cpu"])
 
 
 # -- atomic saves ------------------------------------------------------------------------------
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [("fsync", 1), ("replace", 1), ("fsync", 3), ("replace", 2)])
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing):
+    """A failure at any step of a save (writing the weights, placing them, writing or placing config.json) leaves
+    the previous checkpoint as it was, and no file behind."""
     old, new = tiny_prior(seed=0), tiny_prior(seed=1)
     target = tmp_path / "ck"
     old.save_pretrained(target)
+    listing = sorted(os.listdir(target))
     x = torch.randn(5, 2)
-    expected = ScoreSDEPrior.from_pretrained(target).log_prob(x)
-
-    def broken_writer(*args, **kwargs):
-        raise OSError("disk full (injected)")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_writer)
-    with pytest.raises(OSError, match="injected"):
-        new.save_pretrained(target)
-    monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["ck"]  # the temporary directory was removed
-    assert torch.equal(ScoreSDEPrior.from_pretrained(target).log_prob(x), expected)
-
-    # a failure of the final rename into place puts the old checkpoint back
-    real_rename = os.rename
+    with torch.no_grad():
+        expected = ScoreSDEPrior.from_pretrained(target).log_prob(x)
+    name, at = failing
+    real = getattr(os, name)
     calls = []
 
-    def rename(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:
-            raise OSError("rename failed (injected)")
-        real_rename(src, dst)
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise OSError(f"{name} failed (injected)")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, name, broken)
     with pytest.raises(OSError, match="injected"):
         new.save_pretrained(target)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["ck"]
-    assert torch.equal(ScoreSDEPrior.from_pretrained(target).log_prob(x), expected)
+    assert sorted(os.listdir(tmp_path)) == ["ck"] and sorted(os.listdir(target)) == listing
+    with torch.no_grad():
+        assert torch.equal(ScoreSDEPrior.from_pretrained(target).log_prob(x), expected)
+        new.save_pretrained(target)  # a successful save replaces it
+        assert not torch.equal(ScoreSDEPrior.from_pretrained(target).log_prob(x), expected)
 
-    new.save_pretrained(target)  # a successful save replaces it
-    assert not torch.equal(ScoreSDEPrior.from_pretrained(target).log_prob(x), expected)
-    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+def test_saves_keep_the_new_and_the_previous_weights_only(tmp_path):
+    """Each save writes a new weights file; the one it replaced stays (for a reader that read the previous config
+    a moment ago), older ones go; saving the same weights again reuses the file."""
+    target = tmp_path / "ck"
+    names = []
+    for seed in range(4):
+        tiny_prior(seed=seed).save_pretrained(target)
+        names.append(weights_file(target).name)
+    assert len(set(names)) == 4
+    assert sorted(os.listdir(target)) == sorted(["config.json", "model.safetensors", names[-2], names[-1]])
+    tiny_prior(seed=3).save_pretrained(target)
+    assert weights_file(target).name == names[-1]
+    assert sorted(os.listdir(target)) == sorted(["config.json", "model.safetensors", names[-1]])
 
 
 def test_save_keeps_other_files_and_refuses_non_checkpoint_directories(tmp_path):
@@ -218,9 +268,9 @@ def test_pickle_files_are_refused_and_never_run(tmp_path):
     # a pickle disguised as the weights of a valid config is rejected by the safetensors parser
     disguised = tmp_path / "disguised"
     tiny_prior().save_pretrained(disguised)
-    (disguised / "model.safetensors").write_bytes(payload)
+    weights_file(disguised).write_bytes(payload)
     edit_config(disguised, weights_sha256=None)
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model-[0-9a-f]{16}\.safetensors"):
         load_checkpoint(disguised)
     assert not marker.exists()
     pickle.loads(payload)  # the payload is live: unpickling it would have run
@@ -236,13 +286,13 @@ def saved(tmp_path):
 
 
 def test_truncated_or_corrupted_weights(saved):
-    weights = saved / "model.safetensors"
+    weights = weights_file(saved)
     raw = weights.read_bytes()
     weights.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(corrupted|SHA-256)"):
+    with pytest.raises(CheckpointError, match=r"\.safetensors.*(corrupted|SHA-256)"):
         load_checkpoint(saved)
-    edit_config(saved, weights_sha256=None)  # without the checksum, the safetensors parser catches it
-    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a valid safetensors file"):
+    edit_config(saved, weights_sha256=None)  # without the checksum, the header check catches it
+    with pytest.raises(CheckpointError, match=r"\.safetensors is not a valid safetensors file"):
         load_checkpoint(saved)
     corrupted = bytearray(raw)
     corrupted[-3] ^= 0xFF  # a flipped bit in the tensor data: only the checksum notices
@@ -262,12 +312,13 @@ def test_config_not_matching_weights(saved):
     with pytest.raises(CheckpointError, match=r"missing keys backbone\.blocks\.1"):
         load_checkpoint(saved)
     edit_config(saved, network=config["network"], weights_sha256=None)
-    tensors = safetensors.torch.load_file(str(saved / "model.safetensors"))
-    safetensors.torch.save_file({**tensors, "extra.weight": torch.zeros(3)}, str(saved / "model.safetensors"))
+    weights = str(weights_file(saved))
+    tensors = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file({**tensors, "extra.weight": torch.zeros(3)}, weights)
     with pytest.raises(CheckpointError, match="unexpected keys extra.weight"):
         load_checkpoint(saved)
     tensors["backbone.out.bias"] = torch.full_like(tensors["backbone.out.bias"], float("nan"))
-    safetensors.torch.save_file(tensors, str(saved / "model.safetensors"))
+    safetensors.torch.save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(saved)
 
@@ -308,7 +359,7 @@ def test_file_modes_follow_the_umask(saved):
     umask = os.umask(0o022)
     os.umask(umask)
     assert (saved.stat().st_mode & 0o777) == 0o777 & ~umask
-    for name in ("config.json", "model.safetensors"):
+    for name in ("config.json", weights_file(saved).name):
         assert ((saved / name).stat().st_mode & 0o777) == 0o666 & ~umask
 
 
@@ -324,8 +375,8 @@ def test_missing_or_invalid_files(saved, tmp_path):
         load_checkpoint(saved)
     other = tmp_path / "other"
     tiny_prior().save_pretrained(other)
-    (other / "model.safetensors").unlink()
-    with pytest.raises(CheckpointNotFoundError, match=r"model\.safetensors not found"):
+    weights_file(other).unlink()
+    with pytest.raises(CheckpointNotFoundError, match=r"model-[0-9a-f]{16}\.safetensors not found"):
         load_checkpoint(other)
     with pytest.raises(CheckpointNotFoundError, match="neither a checkpoint directory"):
         load_checkpoint(tmp_path / "does-not-exist")
@@ -368,3 +419,197 @@ def test_shipped_moons_beats_a_fitted_gaussian():
     with torch.no_grad():
         log_lik = prior.log_prob(held_out).mean().item()
     assert log_lik > gaussian.log_prob(held_out).mean().item() + 0.5  # measured about -1.72 vs -2.58 nats
+
+
+# -- hostile files (issue 11, item 12) ---------------------------------------------------------------
+def network_change(saved, **changes):
+    config = json.loads((saved / "config.json").read_text())
+    return {"network": {**config["network"], "config": {**config["network"]["config"], **changes}}}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        # would allocate 256 layers of 30000 x 30000 floats (1.8 TB) before the weights were looked at
+        (lambda saved: network_change(saved, hidden=30000, num_layers=256), "does not match the architecture"),
+        (lambda saved: network_change(saved, hidden=2**15, embed_dim=2**15), "does not match the architecture"),
+        (lambda saved: network_change(saved, num_layers=10**5), "num_layers"),
+        (lambda saved: network_change(saved, num_layers=10**9), "num_layers"),
+        (lambda saved: network_change(saved, hidden=1e9), "hidden"),
+        (lambda saved: network_change(saved, channels=[2**40]), "channels"),
+        (lambda saved: {"event_shape": [10**12], "network": {"class": "ScoreNet", "config": {}}}, "event_shape"),
+        (lambda saved: {"event_shape": [2**20, 2**20]}, "event_shape"),
+        (lambda saved: {"event_shape": [1] * 100}, "event_shape"),
+        (lambda saved: {"options": {"compile": "false"}}, "compile must be True or False"),
+        (lambda saved: {"options": {"num_steps": 10**12}}, "num_steps"),
+        (lambda saved: {"options": {"hutchinson_seed": 2**70}}, "hutchinson_seed"),
+        (lambda saved: {"sde": {"type": "VPSDE", "params": {"T": 1e6}}}, "invalid SDE"),
+        (lambda saved: {"sde": {"type": ["VPSDE"], "params": {}}}, "invalid SDE"),
+        (lambda saved: {"sde": {"type": "VESDE", "params": [1, 2]}}, "invalid SDE"),
+        (lambda saved: {"weights_file": "../../evil.safetensors"}, "weights_file"),
+        (lambda saved: {"weights_file": None}, "weights_file"),
+        (lambda saved: {"format_version": True}, "format_version"),
+        (lambda saved: {"dtype": "x" * 10_000}, "unsupported dtype"),
+    ],
+)
+def test_hostile_config_values_fail_fast_and_clearly(saved, change, match):
+    """Each gives a CheckpointError naming config.json, without allocating what the config asks for."""
+    edit_config(saved, **change(saved))
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_checkpoint(saved)
+    assert "config.json" in str(info.value) and len(str(info.value)) < 2000
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON: RecursionError"),
+        ('{"format": "pyro_scoreflow.checkpoint", "format_version": ' + "9" * 5000 + "}", "not valid JSON"),
+        ("\xff\xfe{}", "not valid JSON"),
+    ],
+)
+def test_unparsable_configs(saved, text, match):
+    (saved / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(saved)
+
+
+def test_oversized_config_is_refused_unread(saved):
+    with open(saved / "config.json", "r+b") as f:
+        f.truncate(5 * 2**30)  # a sparse 5 GB file: reading it would take seconds and gigabytes
+    with pytest.raises(CheckpointError, match=r"config\.json is 5368709120 bytes; a config\.json holds at most"):
+        load_checkpoint(saved)
+    with pytest.raises(CheckpointError, match="bytes"):
+        read_config(saved)
+
+
+def test_hostile_safetensors_headers(saved):
+    weights = weights_file(saved)
+    raw = weights.read_bytes()
+    edit_config(saved, weights_sha256=None)
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    cases = [
+        ((2**62).to_bytes(8, "little") + raw[8:], "bad header length"),
+        (raw[:8] + b"[" * header_len + raw[8 + header_len :], "header"),
+        (raw + b"\0" * 64, "the header describes"),
+    ]
+    key = next(k for k in header if k != "__metadata__")
+    for change in ({"shape": [10**9, 10**9]}, {"dtype": "I64"}):
+        edited = json.dumps({**header, key: {**header[key], **change}}).encode()
+        cases.append((len(edited).to_bytes(8, "little") + edited + raw[8 + header_len :], key.replace(".", r"\.")))
+    for data, match in cases:
+        weights.write_bytes(data)
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(saved)
+
+
+# -- which checkpoint a name means (issue 11, item 14) -------------------------------------------------
+def test_shipped_name_wins_over_a_local_folder_of_that_name(tmp_path, monkeypatch):
+    """`mkdir moons && pyro-scoreflow demo` failed (or silently used the folder): a plain shipped name now always
+    means the shipped prior, with a warning; the folder is reached as './moons' or Path('moons')."""
+    monkeypatch.chdir(tmp_path)
+    shipped_config = read_config(pretrained_path("moons"))
+    (tmp_path / "moons").mkdir()  # an empty folder shadowed the shipped prior
+    with pytest.warns(UserWarning, match=r"names the shipped prior.*'\./moons'"):
+        model, *_ = load_checkpoint("moons")
+    with pytest.warns(UserWarning, match="shipped prior"):
+        assert read_config("moons") == shipped_config
+    with pytest.raises(CheckpointNotFoundError):
+        load_checkpoint("./moons")
+    tiny_prior().save_pretrained(tmp_path / "moons")  # now a local checkpoint of that name
+    for local in ("./moons", Path("moons"), tmp_path / "moons", os.path.join(".", "moons")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert read_config(local)["network"]["config"]["hidden"] == 16
+    with pytest.warns(UserWarning, match="shipped prior"):
+        assert read_config("moons")["network"]["config"]["hidden"] != 16
+    with warnings.catch_warnings():  # no local folder of the name: no warning
+        warnings.simplefilter("error")
+        read_config("checkerboard")
+
+
+# -- layouts and save targets ------------------------------------------------------------------------
+def test_format_1_directories_load_and_migrate(tmp_path):
+    """A directory written by earlier versions (config.json + model.safetensors, format 1), as the shipped priors
+    are, loads; saving over it switches it to format 2 and removes the old weights file on the save after."""
+    old = tmp_path / "old"
+    shutil.copytree(pretrained_path("moons"), old)
+    assert sorted(os.listdir(old)) == ["config.json", "model.safetensors"] and read_config(old)["format_version"] == 1
+    x = datasets.load("moons", 3, seed=4)
+    with torch.no_grad():
+        expected = ScoreSDEPrior.from_pretrained("moons", rtol=1e-3, atol=1e-3).log_prob(x)
+        assert torch.equal(ScoreSDEPrior.from_pretrained(old, rtol=1e-3, atol=1e-3).log_prob(x), expected)
+    assert weights_file(old) == old / "model.safetensors"
+    tiny_prior().save_pretrained(old)
+    assert read_config(old)["format_version"] == 2
+    assert sorted(os.listdir(old)) == sorted(["config.json", "model.safetensors", weights_file(old).name])
+    tiny_prior(seed=1).save_pretrained(old)
+    assert (old / "model.safetensors").read_bytes() == weights_file(old).read_bytes()  # the plain name follows
+    load_checkpoint(old)
+
+
+def test_save_targets(tmp_path):
+    """Saving refuses a file, a folder of other files and a folder whose config.json is not a checkpoint's; an
+    interrupted first save (only temporaries and weights files) can be saved over."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        tiny_prior().save_pretrained(tmp_path / "file")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "bert"}')
+    (hf / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(CheckpointError, match="config.json that is not a readable pyro_scoreflow checkpoint"):
+        tiny_prior().save_pretrained(hf)
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"]
+    only_weights = tmp_path / "only"
+    only_weights.mkdir()
+    (only_weights / "model.safetensors").write_bytes(b"somebody's weights")
+    with pytest.raises(CheckpointError, match="non-empty directory without a checkpoint"):
+        tiny_prior().save_pretrained(only_weights)
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / ".tmp-123-0123456789ab-config.json").write_text("{")
+    (interrupted / "model-0123456789abcdef.safetensors").write_bytes(b"partial")
+    tiny_prior().save_pretrained(interrupted)
+    assert sorted(os.listdir(interrupted)) == sorted(
+        ["config.json", "model.safetensors", weights_file(interrupted).name]
+    )
+    with pytest.raises(ValueError, match="invalid|must be"):
+        save_checkpoint(tmp_path / "bad", tiny_prior().score_model, VPSDE(), (2,), {"rtol": -1.0})
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "event_shape, config",
+    [((2,), {}), ((3,), {"num_classes": 4}), ((5,), {"context_dim": 3}),
+     ((1, 8, 8), {"channels": [8, 16], "groups": 4}),
+     ((3, 8, 8), {"channels": [8, 16, 32], "groups": 4, "num_classes": 2})],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_shapes_checked_before_building_are_the_networks(event_shape, config, dtype):
+    """The tensors the loader expects (from a network with its parameters on the meta device) are exactly the state
+    dict of the network it then builds, and computing them allocates no parameter memory."""
+    sde = VPSDE()
+    expected = C._expected_tensors(sde, torch.Size(event_shape), {**TINY, **config}, dtype, Path("config.json"))
+    real = ScoreNet(sde, event_shape, **{**TINY, **config}).to(dtype).state_dict()
+    assert expected == {k: (v.shape, v.dtype) for k, v in real.items()}
+    with C._MetaParameters():
+        huge = ScoreNet(sde, (2,), hidden=2**15, num_layers=256, embed_dim=2**15)  # 8e11 parameters
+    assert all(p.is_meta for p in huge.parameters())
+
+
+def test_leftovers_of_earlier_versions_saves_are_removed_when_stale(tmp_path):
+    """Saves of earlier versions, killed midway, left '.NAME.tmp-<hex>' directories next to the checkpoint; a save
+    removes those over an hour old (a younger one may belong to a save still running)."""
+    stale, fresh = tmp_path / ".ck.tmp-0123456789ab", tmp_path / ".ck.tmp-ba9876543210"
+    for leftover in (stale, fresh):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"\0" * 1000)
+    hours_ago = os.stat(stale).st_mtime - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    other = tmp_path / ".ck.tmp-not-ours"
+    other.mkdir()
+    os.utime(other, (hours_ago, hours_ago))
+    tiny_prior().save_pretrained(tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path)) == sorted([".ck.tmp-ba9876543210", ".ck.tmp-not-ours", "ck"])

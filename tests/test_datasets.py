@@ -138,6 +138,8 @@ def test_digits_num_samples_cycles_with_fresh_noise():
         ({"name": "moons", "num_samples": 2.5}, "num_samples"),
         ({"name": "moons", "num_samples": True}, "num_samples"),
         ({"name": "moons", "seed": "zero"}, "seed"),
+        ({"name": "moons", "seed": 2**64}, "seed"),
+        ({"name": 3}, "name"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -15,6 +15,7 @@ from pyro_scoreflow import (
     SolverError,
     fit,
 )
+from pyro_scoreflow.checkpoint import weights_file
 
 from helpers import mixture_2d
 
@@ -177,7 +178,7 @@ def test_diverged_fit_raises_and_restores_weights(case, tmp_path):
     net = ScoreNet(sde, (2,), hidden=16, num_layers=1, embed_dim=8)
     good = ScoreSDEPrior(net, sde, (2,))
     good.save_pretrained(tmp_path / "prior")
-    saved = (tmp_path / "prior" / "model.safetensors").read_bytes()
+    saved = weights_file(tmp_path / "prior").read_bytes()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     data = torch.randn(64, 2) * (1e20 if case == "huge_data" else 1.0)
     lr = 1e30 if case == "huge_lr" else 1e-3
@@ -185,7 +186,7 @@ def test_diverged_fit_raises_and_restores_weights(case, tmp_path):
         fit(net, sde, data, steps=30, batch_size=16, lr=lr, progress=False, grad_clip=None)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
-    assert (tmp_path / "prior" / "model.safetensors").read_bytes() == saved
+    assert weights_file(tmp_path / "prior").read_bytes() == saved
 
 
 def test_save_refuses_non_finite_weights(tmp_path):
@@ -193,12 +194,12 @@ def test_save_refuses_non_finite_weights(tmp_path):
     net = ScoreNet(sde, (2,), hidden=16, num_layers=1, embed_dim=8)
     prior = ScoreSDEPrior(net, sde, (2,))
     prior.save_pretrained(tmp_path / "prior")
-    saved = (tmp_path / "prior" / "model.safetensors").read_bytes()
+    saved = weights_file(tmp_path / "prior").read_bytes()
     with torch.no_grad():
         next(net.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
         prior.save_pretrained(tmp_path / "prior")
-    assert (tmp_path / "prior" / "model.safetensors").read_bytes() == saved
+    assert weights_file(tmp_path / "prior").read_bytes() == saved
     ScoreSDEPrior.from_pretrained(tmp_path / "prior")  # still loads
 
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pyro_scoreflow import VESDE, VPSDE, GaussianMixtureScore, ScoreSDEPrior, SubVPSDE, datasets
 from pyro_scoreflow.metrics import energy_distance
 from pyro_scoreflow.networks import ScoreNet
-from pyro_scoreflow.training import EMA, FitHistory, TimeSampler, dsm_loss, fit, validation_loss
+from pyro_scoreflow.training import EMA, FitHistory, fit, validation_loss
 
 TINY = {"hidden": 16, "num_layers": 1, "embed_dim": 8, "channels": (8,), "groups": 4}
 SDES = [VPSDE(), SubVPSDE(), VESDE()]
@@ -26,56 +26,7 @@ def quick_fit(net, data, **kwargs):
     return fit(net, net.sde, data, **kwargs)
 
 
-# -- the objective ---------------------------------------------------------------------------
-def test_dsm_loss_of_the_exact_score():
-    r"""Data N(0, I) under the VP SDE stay N(0, I), s(x) = -x, and E||sigma s + z||^2 / D = alpha(t)^2."""
-    sde = VPSDE()
-    x0 = torch.randn(200_000, 2, dtype=torch.float64)
-    for t in (0.05, 0.3, 0.8):
-        tt = torch.full((x0.shape[0],), t, dtype=torch.float64)
-        loss = dsm_loss(lambda x, _: -x, sde, x0, tt, torch.randn_like(x0)).mean().item()
-        assert loss == pytest.approx(sde.marginal(torch.tensor(t))[0].item() ** 2, abs=0.01)
-
-
-@pytest.mark.parametrize("sde", SDES, ids=SDE_IDS)
-def test_likelihood_time_density_is_g2_over_sigma2(sde):
-    """q(t) = g^2/sigma^2 / Z, checked against the numerical derivative of the log-SNR and for normalisation."""
-    sampler = TimeSampler(sde, "likelihood")
-    t = torch.logspace(math.log10(sde.eps), 0, 2001, dtype=torch.float64) * sde.T
-    q = sampler.density(t)
-    # g^2/sigma^2 = -d/dt log-SNR, by central differences
-    h = 1e-7 * t
-    dlam = (sampler.log_snr(t + h) - sampler.log_snr(t - h)) / (2 * h)
-    g2 = sde.diffusion(t) ** 2 / sde.marginal(t)[1] ** 2
-    torch.testing.assert_close(-dlam, g2, rtol=1e-5, atol=0)
-    assert torch.trapezoid(q, t).item() == pytest.approx(1, abs=1e-3)
-
-
-@pytest.mark.parametrize("sde", SDES, ids=SDE_IDS)
-def test_likelihood_time_sampler_inverts_the_cdf(sde):
-    sampler = TimeSampler(sde, "likelihood")
-    u = torch.linspace(0, 1, 101, dtype=torch.float64)[:-1]
-    t, weight = sampler(u)
-    assert (t >= sde.eps).all() and (t <= sde.T).all() and (t.diff() > 0).all()
-    lam_eps, lam_T = sampler.log_snr(torch.tensor([sde.eps, sde.T], dtype=torch.float64))
-    torch.testing.assert_close(sampler.log_snr(t), lam_eps - u * (lam_eps - lam_T), rtol=0, atol=1e-9)
-    assert weight == pytest.approx((lam_eps - lam_T).item() / (sde.T - sde.eps))
-
-
-@pytest.mark.parametrize("weighting", ["score", "likelihood"])
-def test_importance_weights_are_unbiased(weighting):
-    r"""E_u[w h(t(u))] = E_{t ~ U[eps, T]}[lambda(t)/sigma(t)^2 h(t)] for h = sigma^2: the integral of lambda."""
-    sde = VPSDE()
-    sampler = TimeSampler(sde, weighting)
-    u = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
-    t, weight = sampler(u)
-    estimate = (weight * sde.marginal(t)[1] ** 2).mean().item()
-    grid = torch.linspace(sde.eps, sde.T, 100_001, dtype=torch.float64)
-    lam = sde.marginal(grid)[1] ** 2 if weighting == "score" else sde.diffusion(grid) ** 2
-    exact = torch.trapezoid(lam, grid).item() / (sde.T - sde.eps)
-    assert estimate == pytest.approx(exact, rel=1e-3)
-
-
+# -- the optimiser (the objective: tests/test_losses.py) -----------------------------------------
 def test_ema_ramps_up_its_decay():
     p = torch.nn.Parameter(torch.zeros(()))
     module = torch.nn.Module()
@@ -198,6 +149,19 @@ def bad_data_cases():
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"grad_clip": -1.0}, "grad_clip"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"data": torch.zeros(10, 0)}, "empty"),
+        ({"data": DataLoader(TensorDataset(good[:0]), batch_size=10)}, "empty DataLoader"),
+        ({"data": good.to(torch.complex64)}, "real numbers"),
+        ({"data": good > 0}, "real numbers"),
+        ({"context": ["a"] * 100}, "context"),
+        ({"validation_context": torch.zeros(10)}, "validation_context needs validation_data"),
+        ({"validation_log_prob": True}, "validation_log_prob=True needs validation_data"),
+        ({"validation_data": good, "validation_log_prob": "yes"}, "validation_log_prob"),
+        ({"progress": "no"}, "progress"),
+        ({"device": "cuda:99"}, "device"),
+        ({"device": "not-a-device"}, "device"),
+        ({"distributed": "yes"}, "distributed"),
     ]
 
 
@@ -205,10 +169,11 @@ def bad_data_cases():
 def test_fit_rejects_bad_input_before_training(kwargs, match):
     net = tiny_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    kwargs = {"data": datasets.load("moons", 100), "steps": 5, "batch_size": 10, "lr": 1e-3, **kwargs}
+    kwargs = {"data": datasets.load("moons", 100), "steps": 5, "batch_size": 10, "lr": 1e-3, "progress": False,
+              **kwargs}  # fmt: skip
     data = kwargs.pop("data")
     with pytest.raises(ValueError, match=match):
-        fit(net, net.sde, data, progress=False, **kwargs)
+        fit(net, net.sde, data, **kwargs)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not hasattr(net, "fit_history")
 
