@@ -40,14 +40,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
     return path
 
 
-def check_writable(path: str | os.PathLike, what: str) -> None:
-    """Raise ``OSError`` now, before a long computation, if ``path`` could not be created later.
+def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> None:
+    """Raise ``OSError`` now, before a long computation, if the file (or, with ``directory=True``, the
+    directory) ``path`` could not be written later.
 
     Files and checkpoint directories are written as temporaries in ``path``'s parent and renamed into
     place, so the nearest existing ancestor of the parent must be a directory in which an entry can be made;
     this is tested by making (and removing) an empty temporary directory there.
     """
     path = Path(path)
+    if not directory and path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory")
     ancestor = path.absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -10,8 +10,8 @@ r"""The ``pyro-scoreflow`` command line (also ``python -m pyro_scoreflow``).
 
 Every command exits 0 on success. A bad argument, an unreadable file or an invalid checkpoint exits
 non-zero with one line on stderr (set ``PYRO_SCOREFLOW_DEBUG=1`` for the traceback). Counts are bounded
-(``--num-steps`` <= 100000, ``--num-samples`` <= 1000000, ``--batch-size`` <= 100000) so that a typo
-cannot start a computation that never ends.
+(``--num-steps`` <= 100000, ``--num-samples`` <= 1000000, ``--batch-size`` <= 100000,
+``--hutchinson-samples`` <= 10000) so that a typo cannot start a computation that never ends.
 
 This module parses and dispatches; the commands are in :mod:`pyro_scoreflow.commands` and
 :mod:`pyro_scoreflow.demo`, the figures in :mod:`pyro_scoreflow.plotting` (optional matplotlib).
@@ -26,11 +26,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
+# Module-level imports only: importing this module runs the package's __init__, which imports torch anyway,
+# so deferring imports into functions would not make --help faster.
+from ._version import __version__
 from .checkpoint import CheckpointError
 from .commands import PROG, SDES, cmd_log_prob, cmd_sample, cmd_train
 from .demo import run_demo
-from .distribution import DIVERGENCES, SAMPLERS
+from .options import DIVERGENCES, SAMPLERS
 from .plotting import MissingMatplotlibError
 
 __all__ = ["main", "build_parser"]

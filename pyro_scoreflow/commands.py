@@ -28,6 +28,7 @@ from .checkpoint import check_save_target, save_checkpoint
 from .distributed import is_main_process, world_size
 from .distribution import ScoreSDEPrior
 from .networks import ScoreNet
+from .options import SolverOptions
 from .training import fit
 
 __all__ = ["SDES", "cmd_log_prob", "cmd_sample", "cmd_train", "load_npy", "load_prior", "sampler_text", "save_npy"]
@@ -125,6 +126,11 @@ def sampler_text(prior: ScoreSDEPrior) -> str:
         return f"reverse-time SDE, {prior.num_steps} {prior.sde_method} steps"
     if prior.sampler == "dpm-solver":
         return f"DPM-Solver++ multistep of order {prior.dpm_order}, {prior.num_steps} steps"
+    corrector = f"{prior.corrector_steps} Langevin step{'s' if prior.corrector_steps != 1 else ''}"
+    if prior.sampler == "pc":
+        return f"predictor-corrector, {prior.num_steps} {prior.predictor} steps and {corrector} after each"
+    if prior.sampler == "langevin":
+        return f"annealed Langevin dynamics, {prior.num_steps} noise levels and {corrector} at each"
     return f"sampler {prior.sampler!r}, {prior.num_steps} steps"
 
 
@@ -150,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not 0 <= args.validation_fraction < 1:
         raise ValueError(f"--validation-fraction must lie in [0, 1), got {args.validation_fraction}")
     check_save_target(args.output_dir)  # fail before training, not after
-    check_writable(args.output_dir, "--output-dir")
+    check_writable(args.output_dir, "--output-dir", directory=True)
     train_device = None if args.device is None else device(args.device)
     if args.data in datasets.names():
         data = datasets.load(args.data, args.num_data, seed=args.seed, split=args.split)
@@ -191,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     last = history.loss[-max(1, len(history.loss) // 10) :]
     if not all(math.isfinite(v) for v in last) or not all(torch.isfinite(p).all() for p in net.parameters()):
         raise ValueError("training diverged (non-finite loss or weights); try a smaller --lr")
-    options = ScoreSDEPrior(net, sde, event_shape).options
+    options = SolverOptions().as_dict()  # the defaults, saved so that loading needs no guess
     metadata = {
         "training": {
             **source, "train_size": train.shape[0], "steps": args.steps, "batch_size": args.batch_size,

@@ -17,7 +17,7 @@ import torch
 from pyro_scoreflow import ScoreSDEPrior, datasets, plotting
 from pyro_scoreflow.checkpoint import read_config
 from pyro_scoreflow.cli import main
-from pyro_scoreflow.commands import load_npy, sampler_text
+from pyro_scoreflow.commands import load_npy, sampler_text, save_npy
 from pyro_scoreflow.distribution import SAMPLERS
 
 MISSING = "plotting needs matplotlib: pip install 'pyro_scoreflow[plots]'"
@@ -27,13 +27,12 @@ TINY_NET = ["--hidden", "16", "--num-layers", "1", "--embed-dim", "8", "--quiet"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_module(*args, cwd=None):
+def run_module(*args, cwd=None, python_options=()):
     """``python -m pyro_scoreflow ARGS`` in a subprocess, one torch thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("PYRO_SCOREFLOW_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "pyro_scoreflow", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd
-    )
+    command = [sys.executable, *python_options, "-m", "pyro_scoreflow", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def assert_clean_failure(result, match):
@@ -132,8 +131,10 @@ def test_demo_smoke(tmp_path, capsys):
 
 
 def test_python_m_help_and_clean_failure(tmp_path, capsys):
-    result = run_module("--help")
+    result = run_module("--help", python_options=["-X", "importtime"])  # the import log goes to stderr
     assert result.returncode == 0
+    imported = {line.rpartition("|")[2].strip() for line in result.stderr.splitlines()}
+    assert "pyro_scoreflow.plotting" in imported and "matplotlib" not in imported  # imported when drawing only
     for command in ("demo", "train", "sample", "log-prob"):
         assert command in result.stdout
     assert_clean_failure(
@@ -259,6 +260,9 @@ def test_sample_to_an_unwritable_output_fails_before_sampling(tmp_path, capsys):
     message, stdout = one_line_error(capsys, argv)
     assert message.startswith("pyro-scoreflow sample: error: --output") and "is not a directory" in message
     assert stdout == ""
+    (tmp_path / "d.npy").mkdir()
+    message, stdout = one_line_error(capsys, [*argv[:4], "--output", str(tmp_path / "d.npy")])
+    assert message.endswith("d.npy is a directory") and stdout == ""
 
 
 def test_log_prob_refuses_to_overwrite_its_input(tmp_path, capsys):
@@ -319,6 +323,12 @@ def test_outputs_are_written_atomically(tmp_path, capsys, monkeypatch):
     assert main(["sample", "moons", "--num-samples", "3", "--output", str(out), "--num-steps", "5"]) == 0
     assert np.load(out).shape == (3, 2) and stat.S_IMODE(out.stat().st_mode) == 0o640  # replaced, mode kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+    umask = os.umask(0o022)
+    try:
+        new = save_npy(tmp_path / "new" / "n.npy", torch.arange(3.0))  # a new file gets open()'s mode
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644 and np.load(new).tolist() == [0.0, 1.0, 2.0]
+    finally:
+        os.umask(umask)
 
 
 # -- samplers -----------------------------------------------------------------------------------------------------
@@ -360,13 +370,3 @@ def test_demo_without_matplotlib_prints_its_numbers_and_no_figures(tmp_path, cap
     stdout = capsys.readouterr().out
     assert "held-out log-likelihood" in stdout and "effective sample size" in stdout
     assert f"no figures: {MISSING}" in stdout and not (tmp_path / "demo").exists()
-
-
-def test_importing_the_command_line_does_not_import_matplotlib():
-    code = (
-        "import sys; import pyro_scoreflow.cli, pyro_scoreflow.demo, pyro_scoreflow.commands, pyro_scoreflow.plotting;"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
