@@ -25,6 +25,7 @@ from . import datasets, plotting
 from . import sde as sde_module
 from ._files import check_writable, write_atomically
 from .checkpoint import check_save_target, save_checkpoint
+from .checks import check_device
 from .distributed import is_main_process, world_size
 from .distribution import ScoreSDEPrior
 from .networks import ScoreNet
@@ -100,16 +101,8 @@ def _check_not_input(output: Path, source: Path, what: str) -> None:
 
 # -- shared helpers -----------------------------------------------------------------------------
 def device(text: str) -> torch.device:
-    """A checked torch device: a clear error for a bad name or an accelerator that is not there."""
-    try:
-        value = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
-    if value.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text!r}: CUDA is not available on this machine")
-    if value.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {text!r}: MPS is not available on this machine")
-    return value
+    """A checked ``--device``: a clear error for a bad name or an accelerator that is not there."""
+    return check_device("--device", text)
 
 
 def load_prior(name_or_dir: str, device_name: str, **options) -> ScoreSDEPrior:

@@ -167,7 +167,7 @@ def test_python_m_help_and_clean_failure(tmp_path, capsys):
         ([], "required: COMMAND"),
         (
             ["sample", "moons", "--num-samples", "2", "--output", "{tmp}/s.npy", "--device", "warp9"],
-            "not a torch device",
+            "must name a torch device",
         ),
     ],
 )
