@@ -101,3 +101,63 @@ def test_trace_mean_field_elbo_solves_once(prior):
     svi.step(torch.tensor(0.3))
     one_solve = counted.last_nfe
     assert 0 < len(calls) <= one_solve + 1, (len(calls), one_solve)
+
+
+# -- 16. validation gaps: each a clear error naming the argument ----------------------------------------
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda s, sde: ScoreSDEPrior(s, sde, (2,), batch_shape=(-1,)), "batch_shape"),
+        (lambda s, sde: ScoreSDEPrior(s, sde, (2,), divergence="hutchinson", hutchinson_seed=2**64), "hutchinson_seed"),
+        (lambda s, sde: ScoreSDEPrior(s, sde, (2,), max_num_steps=2**31), "max_num_steps"),
+        (lambda s, sde: ScoreSDEPrior(s, sde, (2,), compile="false"), "compile"),
+        (lambda s, sde: ScoreSDEPrior(s, sde, (2,)).expand((2, -3)), "batch_shape"),
+        (lambda s, sde: VPSDE(T=1e6), "T="),
+    ],
+)
+def test_bad_arguments_name_themselves(build, match):
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=match):
+        build(mixture_2d(sde), sde)
+
+
+@pytest.mark.parametrize(
+    "value, error, match",
+    [
+        ([[0.0, 1.0]], TypeError, "torch.Tensor"),
+        (torch.zeros(1, 2).numpy(), TypeError, "torch.Tensor"),
+        (torch.zeros(1, 2, dtype=torch.complex64), ValueError, "real numbers"),
+        (torch.zeros(1, 2, dtype=torch.bool), ValueError, "real numbers"),
+    ],
+)
+def test_bad_values_are_clear_errors(prior, value, error, match):
+    with pytest.raises(error, match=match):
+        prior.log_prob(value)
+
+
+def test_empty_lower_bound_input_is_a_clear_error(prior):
+    with pytest.raises(ValueError, match="at least one point"):
+        prior.log_prob_lower_bound(torch.zeros(0, 2))
+
+
+# -- 17. DiffusionPosterior says when its samples are prior draws in disguise -------------------------------
+def test_diffusion_posterior_warns_without_guidance(prior):
+    from pyro_scoreflow.infer import DiffusionPosterior
+
+    def detached(y):
+        x = pyro.sample("x", prior)
+        pyro.sample("y", dist.Normal(x.detach().sum(-1), 0.5), obs=y)
+
+    with pytest.warns(RuntimeWarning, match="zero at every step"):
+        DiffusionPosterior(detached, 20, num_steps=5).run(torch.tensor(0.3))
+
+
+def test_diffusion_posterior_warns_when_the_clip_is_always_active(prior):
+    from pyro_scoreflow.infer import DiffusionPosterior
+
+    def tiny_noise(y):
+        x = pyro.sample("x", prior)
+        pyro.sample("y", dist.Normal(x.sum(-1), 1e-8), obs=y)
+
+    with pytest.warns(RuntimeWarning, match="guidance_clip"):
+        DiffusionPosterior(tiny_noise, 20, num_steps=5).run(torch.tensor(0.3))
