@@ -124,7 +124,10 @@ def _reference_paragraphs(app, what, name, obj, options, lines: list[str]) -> No
 def _summary(obj) -> str:
     """The first paragraph of ``obj``'s docstring, on one line (reST markup kept)."""
     doc = inspect.getdoc(obj) or ""
-    return " ".join(doc.split("\n\n")[0].split()) or "\\"
+    summary = " ".join(doc.split("\n\n")[0].split())
+    if summary.endswith(":"):  # a sentence introducing a display equation
+        summary = summary[:-1] + "."
+    return summary or "\\"
 
 
 def _public_names(module) -> list[str]:
@@ -247,7 +250,8 @@ def _strip_included_blank_lines(app, doctree) -> None:
     for block in doctree.findall(nodes.literal_block):
         text = block.astext()
         if block.get("source", "").endswith(".py") and text != text.rstrip("\n"):
-            block.children = [nodes.Text(text.rstrip("\n"))]
+            block.rawsource = text.rstrip("\n")  # rawsource == text, else the HTML writer skips highlighting
+            block.children = [nodes.Text(block.rawsource)]
 
 
 def _reread_index(app, env, added, changed, removed) -> list[str]:
