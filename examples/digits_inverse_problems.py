@@ -61,8 +61,8 @@ pixels and the share of pixels whose clean value lies within two posterior stand
 deviations of the mean, and saves ``digits_inverse_problems.png`` (posterior means and
 standard deviations per method and task).
 
-Run ``python examples/digits_inverse_problems.py`` (about 5 minutes on 2 CPU cores, most of it
-SVI with the ODE) or with ``--smoke``.
+Run ``python examples/digits_inverse_problems.py`` (about 5 minutes on 2 idle CPU cores, most of
+it SVI with the ODE; over 25 minutes when other jobs share the cores) or with ``--smoke``.
 """
 
 # [start-imports]

@@ -32,7 +32,7 @@ deviations and wall times against the exact values, and saves ``hierarchical.png
 posterior of x (samples over exact contours) and the posterior of sigma (NUTS histogram, SVI
 and exact densities, the prior and the true value).
 
-Run ``python examples/hierarchical.py`` (a few minutes on 2 CPU cores) or with ``--smoke``.
+Run ``python examples/hierarchical.py`` (about 7 minutes on 2 CPU cores) or with ``--smoke``.
 """
 
 # [start-imports]

@@ -34,7 +34,7 @@ while their latents are atypical, with norms near 6, three standard deviations b
 typical 8 +- 0.7. (The encoded real digits are not all typical either: the model is not a
 perfect fit, and one of the six, a 7, encodes to a norm of 5.6.)
 
-Run ``python examples/latent_space.py`` (about a minute on 2 CPU cores) or with ``--smoke``.
+Run ``python examples/latent_space.py`` (about 75 s on 2 CPU cores) or with ``--smoke``.
 """
 
 # [start-imports]
