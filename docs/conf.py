@@ -70,8 +70,10 @@ API_MODULES = [
     ("pyro_scoreflow.conditional", "Conditional priors"),
     ("pyro_scoreflow.transforms", "The probability-flow transform"),
     ("pyro_scoreflow.samplers", "Samplers"),
+    ("pyro_scoreflow.options", "Solver options"),
     ("pyro_scoreflow.infer", "Inference: posterior sampling"),
     ("pyro_scoreflow.training", "Training"),
+    ("pyro_scoreflow.losses", "Losses: denoising score matching"),
     ("pyro_scoreflow.checkpoint", "Checkpoints"),
     ("pyro_scoreflow.datasets", "Data sets"),
     ("pyro_scoreflow.metrics", "Metrics"),
@@ -79,6 +81,9 @@ API_MODULES = [
     ("pyro_scoreflow.dynamics", "Vector fields and solvers"),
     ("pyro_scoreflow.compiled", "Compiled log-density"),
     ("pyro_scoreflow.cli", "Command line"),
+    ("pyro_scoreflow.commands", "Command-line commands"),
+    ("pyro_scoreflow.demo", "The demo"),
+    ("pyro_scoreflow.plotting", "Plotting (optional: the plots extra)"),
 ]
 API_DIR = "api"  # generated pages: docs/api/*.rst (not in git)
 
