@@ -61,10 +61,11 @@ pixels and the share of pixels whose clean value lies within two posterior stand
 deviations of the mean, and saves ``digits_inverse_problems.png`` (posterior means and
 standard deviations per method and task).
 
-Run ``python examples/digits_inverse_problems.py`` (about 5 minutes on 2 CPU cores, most of it
-SVI with the ODE) or with ``--smoke``.
+Run ``python examples/digits_inverse_problems.py`` (about 5 minutes on 2 idle CPU cores, most of
+it SVI with the ODE; over 25 minutes when other jobs share the cores) or with ``--smoke``.
 """
 
+# [start-imports]
 from __future__ import annotations
 
 import argparse
@@ -90,6 +91,9 @@ from torch.distributions import constraints  # noqa: E402
 from pyro_scoreflow import ScoreSDEPrior, datasets  # noqa: E402
 from pyro_scoreflow.infer import DiffusionPosterior  # noqa: E402
 
+# [end-imports]
+
+# [start-prior]
 D = 64
 
 
@@ -106,6 +110,10 @@ class ClippedScore(nn.Module):
         return (alpha * x0 - x) / sigma**2
 
 
+# [end-prior]
+
+
+# [start-tasks]
 @dataclass
 class Task:
     name: str
@@ -129,6 +137,10 @@ def make_tasks() -> list[Task]:
     ]
 
 
+# [end-tasks]
+
+
+# [start-models]
 def model(prior: ScoreSDEPrior, y: torch.Tensor, observed: torch.Tensor, sigma: float) -> None:
     """x ~ diffusion prior; the observed pixels of x are measured with Gaussian noise."""
     x = pyro.sample("x", prior)
@@ -165,6 +177,10 @@ def crop_model(log_prior, known: torch.Tensor, hidden: torch.Tensor) -> None:
     pyro.factor("prior", log_prior(known.masked_scatter(hidden, z)) + torch.log1p(-(z**2)).sum(-1))
 
 
+# [end-models]
+
+
+# [start-svi]
 def fit_svi(log_prior, init: torch.Tensor, steps: int, particles: int, lr: float, *data) -> tuple[torch.Tensor, ...]:
     """AutoNormal over u by the ELBO (vectorized particles); mean and standard deviation of x = tanh(u)."""
     pyro.clear_param_store()
@@ -179,6 +195,10 @@ def fit_svi(log_prior, init: torch.Tensor, steps: int, particles: int, lr: float
     return x.mean(0), x.std(0)
 
 
+# [end-svi]
+
+
+# [start-scores]
 def scores(clean: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, hidden: torch.Tensor) -> dict:
     err = mean - clean
     region = hidden if hidden.any() else torch.ones_like(hidden)
@@ -190,7 +210,13 @@ def scores(clean: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, hidden: t
     )
 
 
+# [end-scores]
+
+
+# [start-setup]
 def main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        print("--smoke: tiny sizes that only check that the script runs; its numbers are not meaningful.")
     pyro.set_rng_seed(args.seed)
     torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -215,7 +241,9 @@ def main(args: argparse.Namespace) -> None:
         print(
             f"[{task.name}] test image {task.image}: {int(task.observed.sum())} pixels observed, sigma_y {task.sigma}"
         )
+        # [end-setup]
 
+        # [start-diffusion-posterior]
         for guidance in ("pigdm", "dps"):
             t0 = time.time()
             post = DiffusionPosterior(model, args.num_samples, guidance=guidance, num_steps=args.num_steps)
@@ -223,7 +251,9 @@ def main(args: argparse.Namespace) -> None:
             name = f"DiffusionPosterior {guidance}"
             res[name] = dict(time=time.time() - t0, **scores(clean, x.mean(0), x.std(0), task.hidden))
             pics[name] = (x.mean(0), x.std(0))
+        # [end-diffusion-posterior]
 
+        # [start-svi-runs]
         # SVI: start at the observation, unobserved pixels at the training images' mean
         init = mean_image.masked_scatter(task.observed, y)
         t0 = time.time()
@@ -238,7 +268,9 @@ def main(args: argparse.Namespace) -> None:
         name = "SVI, DSM bound"
         res[name] = dict(time=time.time() - t0, **scores(clean, mean, std, task.hidden))
         pics[name] = (mean, std)
+        # [end-svi-runs]
 
+        # [start-nuts]
         if task.name == "crop":
             known = clean.masked_fill(task.hidden, 0.0).masked_scatter(task.observed, y)
             init_u = torch.atanh(mean_image[task.hidden].clamp(-0.95, 0.95))
@@ -257,7 +289,9 @@ def main(args: argparse.Namespace) -> None:
             res[name]["step_size"] = kernel.step_size
             pics["NUTS (crop)"] = (mean, std)
         results[task.name], pictures[task.name] = res, pics
+        # [end-nuts]
 
+    # [start-table]
     # -- table ----------------------------------------------------------------------------------
     print(f"\n{'task':<9}{'method':<32}{'time':>8}{'RMSE':>7}{'RMSE unobs.':>12}{'sd unobs.':>10}{'within 2 sd':>12}")
     for task_name, res in results.items():
@@ -267,18 +301,29 @@ def main(args: argparse.Namespace) -> None:
                 f"{r['std_hidden']:>10.3f}{r['coverage']:>11.0%}"
             )
     print("(unobserved = all pixels for denoising; RMSE of the posterior mean to the clean image, pixels in [-1, 1))")
+    # [end-table]
 
+    # [start-figure]
     # -- figure: per task, clean and observed image, then the mean and sd of each method ---------
     methods = ["DiffusionPosterior pigdm", "DiffusionPosterior dps", "SVI, ODE log p", "SVI, DSM bound", "NUTS (crop)"]
+    labels = {
+        "DiffusionPosterior pigdm": "ΠGDM",
+        "DiffusionPosterior dps": "DPS",
+        "SVI, ODE log p": "SVI, ODE",
+        "SVI, DSM bound": "SVI, bound",
+        "NUTS (crop)": "NUTS",
+    }
     ncols = 2 + 2 * len(methods)
-    fig, axes = plt.subplots(len(tasks), ncols, figsize=(1.15 * ncols, 1.45 * len(tasks) + 0.4))
+    fig, axes = plt.subplots(
+        len(tasks), ncols, figsize=(1.35 * ncols + 1.2, 1.75 * len(tasks) + 0.6), layout="constrained"
+    )
+    images = {}  # one image per colour map, for the colour bars
     for r, task in enumerate(tasks):
         pics = pictures[task.name]
         panels = [("clean", pics["clean"][0], "gray_r"), ("observed\n(cyan: missing)", pics["observed"][0], "gray_r")]
         for m in methods:
             mean, std = pics.get(m, (None, None))
-            short = m.replace("DiffusionPosterior ", "").replace("SVI, ", "SVI ")
-            panels += [(f"{short}\nmean", mean, "gray_r"), (f"{short}\nsd", std, "magma")]
+            panels += [(f"{labels[m]}\nmean", mean, "gray_r"), (f"{labels[m]}\nsd", std, "magma")]
         for c, (title, img, cmap) in enumerate(panels):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -289,17 +334,25 @@ def main(args: argparse.Namespace) -> None:
             vmin, vmax = (-1, 1) if cmap == "gray_r" else (0, 0.6)
             colors = matplotlib.colormaps[cmap].copy()
             colors.set_bad("tab:cyan")  # unobserved pixels of the observation
-            ax.imshow(img.reshape(8, 8).numpy(), cmap=colors, vmin=vmin, vmax=vmax)
+            images[cmap] = ax.imshow(img.reshape(8, 8).numpy(), cmap=colors, vmin=vmin, vmax=vmax)
             if r == 0 or task.name == "crop" and c >= ncols - 2:
-                ax.set_title(title, fontsize=7)
-        axes[r, 0].set_ylabel(task.name, fontsize=8)
-    fig.tight_layout()
+                ax.set_title(title, fontsize=10)
+        axes[r, 0].set_ylabel(task.name, fontsize=12)
+    fig.colorbar(images["gray_r"], ax=axes, shrink=0.8, pad=0.01, label="pixel value (mean panels)")
+    fig.colorbar(images["magma"], ax=axes, shrink=0.8, pad=0.01, label="posterior sd (sd panels)")
+    fig.suptitle(
+        "Posterior means and standard deviations: ΠGDM and DPS (DiffusionPosterior), SVI with the ODE log-density, "
+        "SVI with the score-matching bound, NUTS",
+        fontsize=11,
+    )
     path = os.path.join(args.output_dir, "digits_inverse_problems.png")
     fig.savefig(path, dpi=args.dpi)
     plt.close(fig)
     print(f"\n[figure] saved {path}\ndone in {time.time() - start:.1f}s")
+    # [end-figure]
 
 
+# [start-cli]
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Denoising and inpainting digits with a diffusion prior")
     parser.add_argument("--num-samples", default=128, type=int, help="DiffusionPosterior draws")
@@ -326,3 +379,4 @@ if __name__ == "__main__":
         args.svi_bound_steps, args.svi_bound_particles, args.bound_samples = 3, 2, 2
         args.nuts_warmup, args.nuts_samples, args.max_tree_depth, args.nuts_bound_samples, args.dpi = 2, 2, 1, 2, 40
     main(args)
+# [end-cli]

@@ -32,9 +32,10 @@ deviations and wall times against the exact values, and saves ``hierarchical.png
 posterior of x (samples over exact contours) and the posterior of sigma (NUTS histogram, SVI
 and exact densities, the prior and the true value).
 
-Run ``python examples/hierarchical.py`` (a few minutes on 2 CPU cores) or with ``--smoke``.
+Run ``python examples/hierarchical.py`` (about 7 minutes on 2 CPU cores) or with ``--smoke``.
 """
 
+# [start-imports]
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,9 @@ from pyro.optim import ClippedAdam  # noqa: E402
 
 from pyro_scoreflow import VPSDE, GaussianMixtureScore, ScoreSDEPrior  # noqa: E402
 
+# [end-imports]
+
+# [start-model]
 # the data distribution: a mixture of three correlated Gaussians (as in the quickstart)
 LOCS = torch.tensor([[-2.0, -1.0], [2.0, -1.0], [0.0, 1.8]])
 SCALE_TRIL = torch.tensor([[[0.5, 0.0], [0.3, 0.4]], [[0.5, 0.0], [-0.3, 0.4]], [[0.7, 0.0], [0.0, 0.3]]])
@@ -78,6 +82,10 @@ def model(prior: ScoreSDEPrior, y: torch.Tensor) -> None:
         pyro.sample("y", dist.Normal(x, sigma[..., None]).to_event(1), obs=y)
 
 
+# [end-model]
+
+
+# [start-exact]
 def exact_posterior(mixture: dist.MixtureSameFamily, y: torch.Tensor, sigmas: torch.Tensor, grid: torch.Tensor):
     """p(sigma | y) on ``sigmas`` (normalized density) and p(x | y) on the points ``grid`` (normalized over it)."""
     n, d = y.shape
@@ -98,6 +106,10 @@ def exact_posterior(mixture: dist.MixtureSameFamily, y: torch.Tensor, sigmas: to
     return post_sigma, (log_px - log_px.logsumexp(0)).exp()
 
 
+# [end-exact]
+
+
+# [start-helpers]
 def summary(name: str, seconds: float, x: torch.Tensor, sigma: torch.Tensor, ess: float | None = None) -> dict:
     return dict(
         method=name, time=seconds, x_mean=x.mean(0), x_std=x.std(0), s_mean=float(sigma.mean()),
@@ -105,7 +117,13 @@ def summary(name: str, seconds: float, x: torch.Tensor, sigma: torch.Tensor, ess
     )  # fmt: skip
 
 
+# [end-helpers]
+
+
+# [start-prior]
 def main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        print("--smoke: tiny sizes that only check that the script runs; its numbers are not meaningful.")
     pyro.set_rng_seed(args.seed)
     torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -117,7 +135,9 @@ def main(args: argparse.Namespace) -> None:
     exact_prior = score.marginal(sde.eps)
     y = X_TRUE + SIGMA_TRUE * torch.randn(args.num_obs, 2)
     print(f"truth: x = {X_TRUE.tolist()}, sigma = {SIGMA_TRUE}; {args.num_obs} measurements, mean {y.mean(0).tolist()}")
+    # [end-prior]
 
+    # [start-exact-grid]
     # -- exact posterior (grid over sigma and over x) ---------------------------------------------
     sigmas = torch.linspace(0.05, 3.0, 1200)
     axis = torch.linspace(-4.0, 4.0, 161)
@@ -130,7 +150,9 @@ def main(args: argparse.Namespace) -> None:
     x_mean = post_x @ grid
     x_std = (post_x @ (grid - x_mean) ** 2).sqrt()
     rows = [dict(method="exact (grid)", time=None, x_mean=x_mean, x_std=x_std, s_mean=s_mean, s_std=s_std, ess=None)]
+    # [end-exact-grid]
 
+    # [start-nuts]
     # -- NUTS ---------------------------------------------------------------------------------------
     t0 = time.time()
     kernel = NUTS(model, max_tree_depth=args.max_tree_depth, target_accept_prob=0.8)
@@ -140,7 +162,9 @@ def main(args: argparse.Namespace) -> None:
     nuts = mcmc.get_samples()
     ess = float(effective_sample_size(nuts["sigma"].unsqueeze(0)))
     rows.append(summary(f"NUTS ({args.warmup}+{args.num_samples})", nuts_time, nuts["x"], nuts["sigma"], ess))
+    # [end-nuts]
 
+    # [start-svi]
     # -- SVI ----------------------------------------------------------------------------------------
     pyro.clear_param_store()
     guide = AutoMultivariateNormal(model, init_scale=0.3)
@@ -164,7 +188,9 @@ def main(args: argparse.Namespace) -> None:
         xs = "(" + ", ".join(f"{v:.2f}" for v in r["x_std"].tolist()) + ")"
         print(f"{r['method']:<34}{t:>8}   {xm:<18}{xs:<16}{r['s_mean']:>9.3f}{r['s_std']:>10.3f}{e:>7}")
     print(f"(true sigma {SIGMA_TRUE}; NUTS Monte-Carlo error of E[sigma] ~ {rows[1]['s_std'] / math.sqrt(ess):.3f})")
+    # [end-svi]
 
+    # [start-figure]
     # -- figure -------------------------------------------------------------------------------------
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     ax = axes[0]
@@ -194,8 +220,10 @@ def main(args: argparse.Namespace) -> None:
     fig.savefig(path, dpi=args.dpi)
     plt.close(fig)
     print(f"\n[figure] saved {path}\ndone in {time.time() - start:.1f}s")
+    # [end-figure]
 
 
+# [start-cli]
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description="A hierarchical model with a diffusion prior and an unknown noise scale"
@@ -219,3 +247,4 @@ if __name__ == "__main__":
         args.tol, args.num_samples, args.warmup, args.max_tree_depth = 1e-2, 4, 4, 1
         args.svi_steps, args.particles, args.dpi = 5, 4, 50
     main(args)
+# [end-cli]

@@ -34,9 +34,10 @@ while their latents are atypical, with norms near 6, three standard deviations b
 typical 8 +- 0.7. (The encoded real digits are not all typical either: the model is not a
 perfect fit, and one of the six, a 7, encodes to a norm of 5.6.)
 
-Run ``python examples/latent_space.py`` (about a minute on 2 CPU cores) or with ``--smoke``.
+Run ``python examples/latent_space.py`` (about 75 s on 2 CPU cores) or with ``--smoke``.
 """
 
+# [start-imports]
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,9 @@ import torch  # noqa: E402
 
 from pyro_scoreflow import ScoreSDEPrior, datasets  # noqa: E402
 
+# [end-imports]
+
+# [start-helpers]
 DIM = 64
 TRAIN_SIZE = 1500  # split "train" is the first 1500 of scikit-learn's 1797 digits, "test" the rest
 
@@ -75,6 +79,10 @@ def bits_per_dim(log_p: torch.Tensor) -> torch.Tensor:
     return -log_p / (DIM * math.log(2))
 
 
+# [end-helpers]
+
+
+# [start-flow]
 def decode(prior: ScoreSDEPrior, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images, their log density log p(x) = log N(z) - log|det dx/dz| (from the same solve) and ``z``."""
     flow = prior.flow
@@ -93,7 +101,13 @@ def encode(prior: ScoreSDEPrior, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, prior.sde.prior((DIM,)).log_prob(z) - log_det, z
 
 
+# [end-flow]
+
+
+# [start-prior]
 def main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        print("--smoke: tiny sizes that only check that the script runs; its numbers are not meaningful.")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -104,7 +118,9 @@ def main(args: argparse.Namespace) -> None:
     labels = test_labels()
     pairs = [(int((labels == a).nonzero()[0]), int((labels == b).nonzero()[0])) for a, b in args.pairs]
     a = torch.linspace(0, 1, args.num_points)
+    # [end-prior]
 
+    # [start-encode]
     # -- encode: one batched solve from eps up to T -------------------------------------------------
     ends = torch.stack([images[i] for pair in pairs for i in pair])
     t0 = time.time()
@@ -116,7 +132,9 @@ def main(args: argparse.Namespace) -> None:
     print(f"round trip decode(encode(x)): RMSE {rmse:.1e} (pixels span [-1, 1))")
     norms = latents.norm(dim=-1)
     print(f"latent norms: {', '.join(f'{v:.2f}' for v in norms.tolist())} (N(0, I) in 64-D: 8.0 +- 0.7)")
+    # [end-encode]
 
+    # [start-paths]
     # -- paths: pixel space and linear latent for the first pair, slerp for all ----------------------
     rows, names = [], []
     x0, x1 = images[pairs[0][0]], images[pairs[0][1]]
@@ -138,7 +156,9 @@ def main(args: argparse.Namespace) -> None:
         b_ends, n_ends = f"{float(b[0]):+.2f} / {float(b[-1]):+.2f}", f"{float(n[0]):.2f} / {float(n[-1]):.2f}"
         stats = f"{float(b.mean()):>+7.2f}{float(b.max()):>+7.2f}{float(b.min()):>+7.2f}"
         print(f"{name:<26}{b_ends:>18}{stats}{n_ends:>14}{float(n[mid]):>6.2f}{float(n.min()):>6.2f}")
+    # [end-paths]
 
+    # [start-figure]
     # -- figure -------------------------------------------------------------------------------------
     fig, axes = plt.subplots(len(rows), args.num_points, figsize=(1.1 * args.num_points + 1.6, 1.25 * len(rows)))
     for r, (name, (x, lp, z)) in enumerate(zip(names, rows)):
@@ -158,8 +178,10 @@ def main(args: argparse.Namespace) -> None:
     fig.savefig(path, dpi=args.dpi)
     plt.close(fig)
     print(f"\n[figure] saved {path}\ndone in {time.time() - start:.1f}s")
+    # [end-figure]
 
 
+# [start-cli]
 def pair(text: str) -> tuple[int, int]:
     a, b = text.split(",")
     return int(a), int(b)
@@ -179,3 +201,4 @@ if __name__ == "__main__":
     if args.smoke:
         args.pairs, args.num_points, args.tol, args.dpi = [(0, 6)], 3, 1e-2, 50
     main(args)
+# [end-cli]

@@ -30,6 +30,7 @@ Prints the tables and saves ``likelihoods_digits.png`` and ``likelihoods_moons.p
 Run ``python examples/likelihoods.py`` (3-5 minutes on 2 CPU cores) or with ``--smoke``.
 """
 
+# [start-imports]
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ from torch.distributions import MultivariateNormal  # noqa: E402
 from pyro_scoreflow import VPSDE, ScoreNet, ScoreSDEPrior, datasets, fit  # noqa: E402
 
 LOG2_17_OVER_2 = math.log2(17 / 2)  # bits/dim on the [-1, 1) scale -> bits per 17-level pixel
+# [end-imports]
 
 
+# [start-helpers]
 def bpd(log_p: torch.Tensor, dim: int) -> torch.Tensor:
     return -log_p / (dim * math.log(2))
 
@@ -72,6 +75,10 @@ def mean_se(v: torch.Tensor) -> str:
     return f"{float(v.mean()):+.3f} +- {float(v.std() / math.sqrt(len(v))):.3f}"
 
 
+# [end-helpers]
+
+
+# [start-bits-per-dim]
 def digits_section(args: argparse.Namespace) -> dict:
     prior = ScoreSDEPrior.from_pretrained("digits", rtol=args.tol, atol=args.tol)
     test = datasets.load("digits", split="test", seed=args.seed)[: args.num_test]
@@ -91,7 +98,9 @@ def digits_section(args: argparse.Namespace) -> dict:
     batches = math.ceil(len(test) / args.batch_size)
     print(f"  paired difference prior - Gaussian: {mean_se(diff)} nats/image ({len(test)} images)")
     print(f"  {nfe} score evaluations in all ({batches} batches of up to {args.batch_size} images)")
+    # [end-bits-per-dim]
 
+    # [start-tolerance]
     # how much the tolerance matters: a few images at each tolerance against the tightest
     sub = test[: args.num_tol]
     print(f"\n  tolerance study on {len(sub)} images (reference rtol = atol = {args.tols[-1]:g})")
@@ -106,7 +115,9 @@ def digits_section(args: argparse.Namespace) -> dict:
     for tol, (v, n, tt) in results.items():
         err = v - ref
         print(f"  {tol:>12g}{n:>7}{tt:>7.1f}s{float(err.abs().max()):>20.2e}{float(err.mean()):>+12.2e}")
+    # [end-tolerance]
 
+    # [start-hutchinson]
     # exact trace vs Hutchinson: repeated estimates on the same images
     sub = test[: args.num_hutch]
     p_exact = prior.with_options(rtol=args.hutch_tol, atol=args.hutch_tol)
@@ -139,8 +150,10 @@ def digits_section(args: argparse.Namespace) -> dict:
         print(f"  {label:<22}{tt / args.repeats:>9.1f}s{nfe:>6}{float(sd):>14.3f}{mean_se(err.flatten()):>18}"
               f"{float(sd_mean_bpd):>16.4f}")  # fmt: skip
     return dict(lp=lp, lp_gauss=lp_gauss, errors=errors, dim=d)
+    # [end-hutchinson]
 
 
+# [start-comparison]
 def moons_section(args: argparse.Namespace) -> dict:
     sde = VPSDE()
     train = datasets.load("moons", args.train_size, seed=1)
@@ -175,6 +188,10 @@ def moons_section(args: argparse.Namespace) -> dict:
     return dict(models=models, lps=lps, held_out=held_out)
 
 
+# [end-comparison]
+
+
+# [start-figures]
 def figures(args: argparse.Namespace, digits: dict, moons: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     d = digits["dim"]
@@ -197,26 +214,38 @@ def figures(args: argparse.Namespace, digits: dict, moons: dict) -> None:
     axis = torch.linspace(-3, 3, args.grid_size)
     gx, gy = torch.meshgrid(axis, axis, indexing="xy")
     grid = torch.stack([gx, gy], -1).reshape(-1, 2)
-    fig, axes = plt.subplots(1, len(moons["models"]), figsize=(4 * len(moons["models"]), 4))
-    for ax, (name, model) in zip(axes, moons["models"].items()):
+    fig, axes = plt.subplots(
+        1, len(moons["models"]), figsize=(4.2 * len(moons["models"]) + 1.0, 4.4), layout="constrained"
+    )
+    densities = {}
+    for name, model in moons["models"].items():
         if isinstance(model, ScoreSDEPrior):
             lp = log_prob_batched(model.with_options(rtol=1e-3, atol=1e-3), grid, 8192)[0]
         else:
             lp = model.log_prob(grid)
-        ax.pcolormesh(gx, gy, lp.exp().reshape(gx.shape), shading="auto", cmap="viridis")
+        densities[name] = lp.exp().reshape(gx.shape)
+    vmax = max(float(d.max()) for d in densities.values())  # one colour scale for all panels
+    for ax, (name, density) in zip(axes, densities.items()):
+        mesh = ax.pcolormesh(gx, gy, density, shading="auto", cmap="viridis", vmin=0.0, vmax=vmax)
         held = moons["held_out"][:300]
         ax.scatter(held[:, 0], held[:, 1], s=1, color="white", alpha=0.5)
-        ax.set_title(f"{name}\n{float(bpd(moons['lps'][name], 2).mean()):.3f} bits/dim held out", fontsize=9)
+        ax.set_title(f"{name}\n{float(bpd(moons['lps'][name], 2).mean()):.3f} bits/dim held out", fontsize=11)
         ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
+    fig.colorbar(mesh, ax=axes, shrink=0.85, label="density $p(x)$ (white: 300 held-out points)")
     fig.savefig(os.path.join(args.output_dir, "likelihoods_moons.png"), dpi=args.dpi)
     plt.close(fig)
     print(f"\n[figures] saved likelihoods_digits.png and likelihoods_moons.png in {args.output_dir}")
 
 
+# [end-figures]
+
+
+# [start-cli]
 def main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        print("--smoke: tiny sizes that only check that the script runs; its numbers are not meaningful.")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -255,3 +284,4 @@ if __name__ == "__main__":
         args.hutch_tol, args.probes, args.repeats, args.train_size, args.train_steps = 1e-1, [1, 4], 2, 512, 5
         args.num_held_out, args.moons_tol, args.bound_samples, args.grid_size, args.dpi = 50, 1e-2, 4, 12, 40
     main(args)
+# [end-cli]

@@ -37,10 +37,11 @@ The tutorial
    Gaussian guide can only describe one mode, while importance sampling weighs
    all of them. See docs/inference.md for NUTS and Predictive.)
 
-Run ``python examples/quickstart.py`` (about a minute on 2 CPU cores) or
+Run ``python examples/quickstart.py`` (2-3 minutes on 2 busy CPU cores) or
 ``python examples/quickstart.py --smoke`` (tiny sizes, a few seconds).
 """
 
+# [start-imports]
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,9 @@ from pyro.optim import ClippedAdam  # noqa: E402
 
 from pyro_scoreflow import VPSDE, GaussianMixtureScore, ScoreSDEPrior  # noqa: E402
 
+# [end-imports]
+
+# [start-model]
 # A 2-D mixture of three correlated Gaussians.
 LOCS = torch.tensor([[-2.0, -1.0], [2.0, -1.0], [0.0, 1.8]])
 SCALE_TRIL = torch.tensor(
@@ -90,6 +94,10 @@ def prior_guide(prior: ScoreSDEPrior, y: torch.Tensor | None = None) -> None:
     pyro.sample("x", prior)
 
 
+# [end-model]
+
+
+# [start-helpers]
 def moments(x: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Weighted) mean and covariance of points ``x`` ``(N, D)``."""
     w = torch.full(x.shape[:1], 1.0 / len(x), dtype=x.dtype) if weights is None else weights
@@ -130,7 +138,13 @@ def fmt(v: torch.Tensor) -> str:
     return "(" + ", ".join(f"{float(a):+.3f}" for a in v.detach()) + ")"
 
 
+# [end-helpers]
+
+
+# [start-prior]
 def main(args: argparse.Namespace) -> None:
+    if args.smoke:
+        print("--smoke: tiny sizes that only check that the script runs; its numbers are not meaningful.")
     pyro.set_rng_seed(args.seed)
     torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -143,7 +157,9 @@ def main(args: argparse.Namespace) -> None:
     exact = score.marginal(sde.eps)  # the exact p_eps that the prior represents
     exact_mean, exact_cov = mixture_moments(exact)
     print(f"prior: {prior}")
+    # [end-prior]
 
+    # [start-sampling]
     # -- 2. sampling ----------------------------------------------------------------------------
     print(f"\n[sampling] {args.num_samples} draws each")
     print(f"  {'sampler':<22}{'time':>7}   {'mean':<18}{'std':<18}")
@@ -158,7 +174,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"  {name:<22}{elapsed:>6.2f}s   {fmt(mean):<18}{fmt(cov.diagonal().sqrt()):<18}")
     se = exact_cov.diagonal().sqrt() / math.sqrt(args.num_samples)
     print(f"  (Monte-Carlo standard error of the means: {fmt(se)})")
+    # [end-sampling]
 
+    # [start-log-prob]
     # -- 3. log_prob on a grid ------------------------------------------------------------------
     lo, hi = -4.5, 4.5
     axis = torch.linspace(lo, hi, args.grid_size)
@@ -178,7 +196,9 @@ def main(args: argparse.Namespace) -> None:
     print(f"\n[log_prob] {len(grid)} grid points in {elapsed:.2f}s (probability-flow ODE, exact divergence)")
     print(f"  sum exp(log_prob) * cell area = {total:.5f}   (exact density on the same grid: {total_exact:.5f})")
     print(f"  |log_prob - exact log p| where p > 1e-3 max p: max {float(err.max()):.1e}, mean {float(err.mean()):.1e}")
+    # [end-log-prob]
 
+    # [start-figure]
     # -- 4. one figure --------------------------------------------------------------------------
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     density = log_p.exp().reshape(args.grid_size, args.grid_size)
@@ -200,7 +220,9 @@ def main(args: argparse.Namespace) -> None:
     fig.savefig(path, dpi=args.dpi)
     plt.close(fig)
     print(f"\n[figure] saved {path}")
+    # [end-figure]
 
+    # [start-inference]
     # -- 5. Bayesian inference with the prior ---------------------------------------------------
     post_mean, post_masses = exact_posterior(exact, Y_OBS)
     print(f"\n[inference] x ~ prior, y ~ Normal(x1 + x2, {SIGMA}), observed y = {float(Y_OBS)}")
@@ -246,8 +268,10 @@ def main(args: argparse.Namespace) -> None:
         print("  (--smoke sizes: too few SVI steps to converge; run without --smoke for the real numbers)")
 
     print(f"\ndone in {time.time() - start:.1f}s")
+    # [end-inference]
 
 
+# [start-cli]
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Quickstart: a score-based diffusion prior in Pyro")
     parser.add_argument("--num-samples", default=5000, type=int, help="draws per sampler")
@@ -265,3 +289,4 @@ if __name__ == "__main__":
         args.num_samples, args.num_steps, args.grid_size = 300, 100, 40
         args.num_particles, args.svi_steps, args.dpi = 1000, 10, 60
     main(args)
+# [end-cli]

@@ -35,8 +35,8 @@ class GaussianMixtureScore(nn.Module):
 
     .. math::
 
-        p_t = \sum_k w_k \mathcal{N}(\alpha \mu_k, C_k), \qquad
-        C_k = \alpha^2 \Sigma_k + \sigma^2 I, \qquad
+        p_t = \sum_k w_k \mathcal{N}(\alpha \mu_k, C_k), \qquad C_k = \alpha^2 \Sigma_k + \sigma^2 I,
+
         \nabla_x \log p_t(x) = -\sum_k r_k(x)\, C_k^{-1} (x - \alpha \mu_k),
 
     with responsibilities :math:`r_k(x) \propto w_k \mathcal{N}(x; \alpha\mu_k, C_k)`.

@@ -26,7 +26,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 
 from .checks import check_real
 
-__all__ = ["ForwardSDE", "VPSDE", "SubVPSDE", "VESDE"]
+__all__ = ["ForwardSDE", "VPSDE", "SubVPSDE", "VESDE", "sde_from_config"]
 
 
 def _as_tensor(t, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,20 +66,20 @@ class ForwardSDE:
 
     # -- to implement -----------------------------------------------------
     def drift_coeff(self, t):  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement drift_coeff(t)")
 
     def diffusion(self, t):  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement diffusion(t)")
 
     def marginal(self, t):  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement marginal(t)")
 
     def prior_std(self) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement prior_std()")
 
     def inverse_log_snr(self, lam: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         r"""The time :math:`t` with :math:`\lambda(t) =` ``lam`` (closed form), see :meth:`log_snr`."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement inverse_log_snr(lam)")
 
     # -- shared -----------------------------------------------------------
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -151,7 +151,7 @@ class ForwardSDE:
         return Normal(loc, scale).expand(event_shape).to_event(len(event_shape))
 
     def _params(self) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _params()")
 
     def config(self) -> dict:
         """A JSON-serialisable description, ``type(sde)(**config['params'])`` rebuilds it."""

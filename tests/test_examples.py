@@ -51,6 +51,8 @@ def test_example(example: str, tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, f"{example} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    if "--smoke" in args:  # a smoke run must not pass for a result
+        assert "not meaningful" in result.stdout, f"{example} does not say that its --smoke numbers are not meaningful"
     for output in OUTPUTS.get(filename, []):
         path = tmp_path / output
         assert path.is_file() and path.stat().st_size > 0, f"{example} did not write {output}"
