@@ -277,8 +277,8 @@ class ScoreNet(nn.Module):
         alpha, std = self._marginal(x, t)
         c_in = (alpha**2 * self._config["data_std"] ** 2 + std**2).rsqrt()
         cond = self._conditioning(torch.log(std) - torch.log(alpha), context, x.shape[0])
-        eps = self.backbone(x_event * _broadcast_time(c_in, x_event), cond)
-        return eps.reshape(x.shape), std
+        noise = self.backbone(x_event * _broadcast_time(c_in, x_event), cond)
+        return noise.reshape(x.shape), std
 
     def _to_event(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` reshaped to ``(N, *event_shape)``; accepts that shape or the flat ``(N, prod(event_shape))``."""
