@@ -72,6 +72,8 @@ API_MODULES = [
     ("pyro_scoreflow.samplers", "Samplers"),
     ("pyro_scoreflow.options", "Solver options"),
     ("pyro_scoreflow.infer", "Inference: posterior sampling"),
+    ("pyro_scoreflow.infer.smc", "Twisted sequential Monte Carlo"),
+    ("pyro_scoreflow.infer.reparam", "Latent-space reparameterization"),
     ("pyro_scoreflow.training", "Training"),
     ("pyro_scoreflow.losses", "Losses: denoising score matching"),
     ("pyro_scoreflow.checkpoint", "Checkpoints"),

@@ -21,6 +21,7 @@ __all__ = [
     "check_device",
     "check_event_shape",
     "check_int",
+    "check_interval",
     "check_optional",
     "check_real",
     "check_seed",
@@ -77,6 +78,16 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_interval(name: str, value) -> tuple[float, float]:
+    """A pair ``(low, high)`` of finite reals with ``low < high``."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ArgumentTypeError(f"{name} must be a pair (low, high), got {value!r}")
+    low, high = (check_real(name, v) for v in value)
+    if not low < high:
+        raise ValueError(f"{name} must have low < high, got {value!r}")
+    return low, high
 
 
 def check_bool(name: str, value) -> bool:

@@ -20,3 +20,19 @@ def test_benchmark_suite_quick_mode_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for heading in ("log_prob accuracy", "Accuracy per cost", "Few-step sampling", "Training throughput"):
         assert heading in proc.stdout, heading
+
+
+@pytest.mark.slow
+def test_posterior_benchmark_quick_mode_runs(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MPLBACKEND="Agg")
+    report, figure = tmp_path / "posterior.md", tmp_path / "posterior.png"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_posterior.py"), "--quick", "--output", str(report),
+         "--plot", str(figure)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
+    for heading in ("Inverse problems with exact-mixture priors", "Targets", "digits prior", "log_prob latency"):
+        assert heading in text, heading
+    assert figure.stat().st_size > 0

@@ -23,6 +23,7 @@ EXAMPLES = [
     "likelihoods.py --smoke",
     "hierarchical.py --smoke",
     "latent_space.py --smoke",
+    "model_comparison.py --smoke",
 ]
 
 OUTPUTS = {
@@ -31,6 +32,7 @@ OUTPUTS = {
     "likelihoods.py": ["likelihoods_digits.png", "likelihoods_moons.png"],
     "hierarchical.py": ["hierarchical.png"],
     "latent_space.py": ["latent_space.png"],
+    "model_comparison.py": ["model_comparison.png"],
 }
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..checks import ArgumentTypeError, check_choice, check_int, check_optional, check_real
+from ..checks import ArgumentTypeError, check_choice, check_int, check_interval, check_optional, check_real
 from ..distribution import ScoreSDEPrior
 from ..dynamics import model_dtype_device
 from ..samplers import pc_sample
@@ -159,14 +159,7 @@ class DiffusionPosterior:
         self.num_steps = check_optional(check_int, "num_steps", num_steps)
         self.guidance_scale = check_real("guidance_scale", guidance_scale, nonnegative=True)
         self.guidance_clip = check_optional(check_real, "guidance_clip", guidance_clip, positive=True)
-        if clip_denoised is not None:
-            if not (isinstance(clip_denoised, (tuple, list)) and len(clip_denoised) == 2):
-                raise ArgumentTypeError(f"clip_denoised must be a pair (low, high) or None, got {clip_denoised!r}")
-            low, high = (check_real("clip_denoised", v) for v in clip_denoised)
-            if not low < high:
-                raise ValueError(f"clip_denoised must have low < high, got {clip_denoised!r}")
-            clip_denoised = (low, high)
-        self.clip_denoised = clip_denoised
+        self.clip_denoised = check_optional(check_interval, "clip_denoised", clip_denoised)
         self.corrector_steps = check_int("corrector_steps", corrector_steps, minimum=0)
         self.snr = check_real("snr", snr, positive=True)
         self.batch_size = check_optional(check_int, "batch_size", batch_size)
