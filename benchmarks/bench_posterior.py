@@ -74,7 +74,8 @@ class Settings:
     eval_n: int = 2000  # draws compared with exact draws (energy distance)
     is_n: int = 20000
     nuts: tuple = (50, 150, 3)  # warmup, samples, max tree depth (latent space)
-    nuts_logprob: tuple = (30, 60, 2)  # 2-D only
+    nuts_logprob: tuple = (30, 60, 2)  # 2-D, and the unimodal problems in nuts_logprob_dims
+    nuts_logprob_dims: tuple = (16,)  # where NUTS on log_prob is run, not only projected
     nuts_ode: tuple = (20, 30, 2)  # 2-D only
     svi_steps: int = 200
     dp_n: int = 2000
@@ -96,6 +97,7 @@ QUICK = Settings(
     is_n=2000,
     nuts=(10, 20, 2),
     nuts_logprob=(5, 10, 1),
+    nuts_logprob_dims=(),
     nuts_ode=(3, 5, 1),
     svi_steps=10,
     dp_n=300,
@@ -335,13 +337,14 @@ def section_problems(settings: Settings, out: list, results: dict) -> dict:
             rows, res = [], {}
             res["exact draws"] = run_exact(problem, settings.eval_n)
             res[f"importance, {settings.is_n} prior draws"] = run_importance(problem, settings.is_n)
-            if dim == 2:
+            if dim == 2 or (dim in settings.nuts_logprob_dims and not bimodal):
                 lp_model_prior = problem.prior.with_options(rtol=1e-3, atol=1e-3)
                 lp_problem = dataclasses.replace(problem, prior=lp_model_prior)
                 w, s, d = settings.nuts_logprob
                 res["NUTS on log_prob (rtol 1e-3)"] = run_nuts(
                     lp_problem.model, (problem.y,), w, s, d, init=init_to_score_prior
                 )
+            if dim == 2:
                 res['NUTS, reparam "ode"'] = run_nuts_reparam(problem, "ode", None, settings.nuts_ode)
             res["NUTS, reparam dpm-solver 10"] = run_nuts_reparam(problem, "dpm-solver", 10, settings.nuts)
             if bimodal:
@@ -371,7 +374,8 @@ def section_problems(settings: Settings, out: list, results: dict) -> dict:
                     ]
                 )  # fmt: skip
             c = costs[problem.name]
-            if dim > 2:  # NUTS on log_prob: projected from its measured gradient cost
+            if dim > 2 and (problem.name, "NUTS on log_prob (rtol 1e-3)") not in results:
+                # NUTS on log_prob: projected from its measured gradient cost
                 ref_row = results[(problem.name, "NUTS, reparam dpm-solver 10")]
                 proj = ref_row["ess_s"] * c["dpm10"] / c["log_prob"]
                 results[(problem.name, "NUTS on log_prob (projected)")] = dict(ess_s=proj)
@@ -414,18 +418,18 @@ def moons_potential_ratio(repeats: int) -> tuple[float, float, int]:
         return pyro.sample("y", dist.Normal(x[..., :1], 0.2).to_event(1), obs=y)
 
     y = torch.zeros(1)
-    pots = {}
+    pots, nfe = {}, {}
     for label, m in (("log_prob", model), ("dpm10", reparam(model, "dpm-solver", 10))):
         params, potential_fn, _, _ = initialize_model(m, (y,), init_strategy=init_to_score_prior)
         potential_grad(potential_fn, params)
-        pots[label] = (potential_fn, params)
+        pots[label], nfe[label] = (potential_fn, params), prior.last_nfe
     times = {k: [] for k in pots}
     for _ in range(repeats):
         for k, (fn, params) in pots.items():
             _, t = timed(lambda fn=fn, params=params: potential_grad(fn, params))
             times[k].append(t)
     lp, dpm = statistics.median(times["log_prob"]), statistics.median(times["dpm10"])
-    return lp, dpm, prior.last_nfe
+    return lp, dpm, nfe["log_prob"]
 
 
 def section_targets(settings: Settings, out: list, results: dict, costs: dict) -> None:
@@ -458,17 +462,29 @@ def section_targets(settings: Settings, out: list, results: dict, costs: dict) -
         if name.startswith("2-D"):
             continue
         latent = results[(name, "NUTS, reparam dpm-solver 10")]
-        ratio = c["log_prob"] / c["dpm10"]
+        measured = results.get((name, "NUTS on log_prob (rtol 1e-3)"))
+        if measured is not None:  # both chains run: ESS/s as measured
+            lp_ess_s, how = measured["ess_s"], "measured"
+        else:  # same mixing per gradient as the latent chain
+            lp_ess_s, how = latent["ess_s"] * c["dpm10"] / c["log_prob"], "projected from the gradient cost"
+        lp_default_ess_s = lp_ess_s * c["log_prob"] / c["log_prob_default"]  # same chain, each gradient dearer
+        ratio, ratio_loose = latent["ess_s"] / lp_default_ess_s, latent["ess_s"] / lp_ess_s
+        accurate = latent["mass"] <= 0.1
         rows.append(
             [
                 f"NUTS latent dpm-solver 10 vs NUTS on log_prob, {name}",
                 ">= 10x ESS/s at matching accuracy",
-                f"gradient cost x{ratio:.0f} at rtol 1e-3 ({1e3 * c['log_prob']:.0f} vs {1e3 * c['dpm10']:.1f} ms), "
-                f"x{c['log_prob_default'] / c['dpm10']:.0f} at the default 1e-5; latent chain: "
-                f"mass err {latent['mass']:.3f}, mean {latent['mean']:.1f} floors, ESS/s {latent['ess_s']:.2g}",
-                verdict(ratio >= 10 and latent["mass"] <= 0.1)
-                + " (needs the gradient-cost ratio >= 10, an upper bound of the ESS/s ratio if log_prob's chain mixed "
-                "as well, and the latent chain accurate: mass error <= 0.1)",
+                f"x{ratio:.1f} against log_prob at its default tolerance (1e-5), x{ratio_loose:.1f} at rtol 1e-3 "
+                f"(log_prob chain {how}; gradients {1e3 * c['log_prob_default']:.0f} / {1e3 * c['log_prob']:.0f} ms "
+                f"vs {1e3 * c['dpm10']:.1f} ms); latent chain: mass err {latent['mass']:.3f}, mean "
+                f"{latent['mean']:.1f} floors, ESS/s {latent['ess_s']:.2g}",
+                verdict(ratio >= 10 and accurate)
+                + (
+                    ""
+                    if accurate
+                    else " (the latent chain stays in one mode: no NUTS chain, in either space, matches the exact "
+                    "masses of this well-separated bimodal posterior; DiffusionSMC is the route there)"
+                ),
             ]
         )
     # c. moons potential + gradient
