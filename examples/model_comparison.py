@@ -45,6 +45,7 @@ from pyro_scoreflow import ScoreSDEPrior, datasets  # noqa: E402
 from pyro_scoreflow.infer import DiffusionSMC, ScoreFlowReparam  # noqa: E402
 
 
+# [start-models]
 def point_model(prior, noise, y=None):
     """One 2-D point x from the prior, observed with Gaussian noise."""
     x = pyro.sample("x", prior)
@@ -55,6 +56,9 @@ def pixel_model(prior, noise, observed: int, y=None):
     """A digit x from the prior; its first ``observed`` pixels are observed with Gaussian noise."""
     x = pyro.sample("x", prior)
     return pyro.sample("y", dist.Normal(x[..., :observed], noise).to_event(1), obs=y)
+
+
+# [end-models]
 
 
 def importance_log_evidence(draws: torch.Tensor, noise: float, y: torch.Tensor) -> float:
@@ -69,6 +73,7 @@ def main(args: argparse.Namespace) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
 
+    # [start-evidence]
     # -- 1. which prior explains the points? --------------------------------------------------------------
     noise = 0.1
     truth = datasets.load("moons", num_samples=args.num_points, seed=args.seed + 1)
@@ -96,6 +101,9 @@ def main(args: argparse.Namespace) -> None:
         f"odds, the moons prior is {math.exp(min(bayes, 700)):.3g} times as probable as the checkerboard prior"
     )
 
+    # [end-evidence]
+
+    # [start-noise]
     # -- 2. which noise level? --------------------------------------------------------------------------
     digits = ScoreSDEPrior.from_pretrained("digits")
     clean = datasets.load("digits", split="test", seed=args.seed)[args.digit]
@@ -111,6 +119,9 @@ def main(args: argparse.Namespace) -> None:
     best = max(noise_evidence, key=noise_evidence.get)
     print(f"   the evidence picks noise {best} (true: {true_noise})")
 
+    # [end-noise]
+
+    # [start-latent]
     # -- 3. inpainting: NUTS in the latent space and DiffusionSMC -------------------------------------------
     observed, inpaint_noise = 32, 0.1
     y_top = clean[:observed] + inpaint_noise * torch.randn(observed, generator=torch.Generator().manual_seed(1))
@@ -135,22 +146,32 @@ def main(args: argparse.Namespace) -> None:
         f"{smc.log_evidence:.1f}); their posterior means of the unobserved pixels differ by {gap:.3f} RMS"
     )
 
+    # [end-latent]
+
     # -- figure ---------------------------------------------------------------------------------------
-    fig = plt.figure(figsize=(13, 6.5))
-    grid = fig.add_gridspec(2, 8)
+    fig = plt.figure(figsize=(13, 5.5))
+    grid = fig.add_gridspec(2, 8, height_ratios=[1.6, 1])
     ax = fig.add_subplot(grid[0, :3])
     for name, prior in priors.items():
         with torch.no_grad():
             draws = prior.with_options(sampler="dpm-solver", num_steps=20).sample((2000,))
         ax.scatter(draws[:, 0], draws[:, 1], s=1, alpha=0.3, label=f"{name} prior")
     ax.scatter(y[:, 0], y[:, 1], c="k", marker="x", s=40, label="observations")
+    # the data's range: a learned score is poor far from its data, so a few draws land far out
+    ax.set_xlim(-3, 3)
+    ax.set_ylim(-3, 3)
+    ax.set_aspect("equal")
     ax.set_title(f"log Bayes factor moons : checkerboard = {bayes:.1f}", fontsize=9)
-    ax.legend(fontsize=7, markerscale=4)
+    legend = ax.legend(fontsize=7, loc="upper left")
+    for handle in legend.legend_handles:
+        handle.set_sizes([20])
+        handle.set_alpha(1)
     ax = fig.add_subplot(grid[0, 3:5])
     width = 0.38
     idx = torch.arange(args.num_points).float()
     for k, name in enumerate(priors):
         ax.bar(idx + (k - 0.5) * width, evidence[name], width, label=name)
+    ax.set_xticks(idx.tolist())
     ax.set_xlabel("point")
     ax.set_ylabel("log p(y | prior)")
     ax.legend(fontsize=7)
