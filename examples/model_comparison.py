@@ -23,6 +23,7 @@ backward pass) and ``DiffusionSMC``, and saves ``model_comparison.png``.
 Run ``python examples/model_comparison.py`` (a few minutes on one core) or with ``--smoke`` (seconds).
 """
 
+# [start-imports]
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,8 @@ from pyro.infer.autoguide import init_to_median  # noqa: E402
 from pyro_scoreflow import ScoreSDEPrior, datasets  # noqa: E402
 from pyro_scoreflow.infer import DiffusionSMC, ScoreFlowReparam  # noqa: E402
 
+# [end-imports]
+
 
 # [start-models]
 def point_model(prior, noise, y=None):
@@ -61,6 +64,7 @@ def pixel_model(prior, noise, observed: int, y=None):
 # [end-models]
 
 
+# [start-main]
 def importance_log_evidence(draws: torch.Tensor, noise: float, y: torch.Tensor) -> float:
     """log (1/n) sum_i p(y | x_i) over prior draws x_i: the plain Monte Carlo estimate of log p(y)."""
     log_lik = dist.Normal(draws, noise).to_event(1).log_prob(y)
@@ -72,6 +76,7 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
+    # [end-main]
 
     # [start-evidence]
     # -- 1. which prior explains the points? --------------------------------------------------------------
@@ -148,6 +153,7 @@ def main(args: argparse.Namespace) -> None:
 
     # [end-latent]
 
+    # [start-figure]
     # -- figure ---------------------------------------------------------------------------------------
     fig = plt.figure(figsize=(13, 5.5))
     grid = fig.add_gridspec(2, 8, height_ratios=[1.6, 1])
@@ -219,3 +225,4 @@ if __name__ == "__main__":
         args.num_points, args.particles, args.steps, args.is_draws = 2, 100, 20, 200
         args.nuts_warmup, args.nuts_samples, args.tree_depth = 3, 4, 1
     main(args)
+# [end-figure]
