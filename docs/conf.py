@@ -92,7 +92,7 @@ API_DIR = "api"  # generated pages: docs/api/*.rst (not in git)
 # Pages written by other people that may not exist yet in a checkout (the index lists them all).
 # A toctree entry naming a missing page is a warning, i.e. an error under -W, so the index is
 # rewritten on reading to drop the entries whose file is absent. Everything else stays strict.
-OPTIONAL_PAGES = ("inference", "posterior", "benchmarks", "distributed", "pretrained")
+OPTIONAL_PAGES = ("inference", "posterior", "benchmarks", "benchmarks_posterior", "distributed", "pretrained")
 
 
 def _drop_missing_pages(app, docname: str, source: list[str]) -> None:
