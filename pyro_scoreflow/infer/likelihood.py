@@ -12,6 +12,7 @@ dimension of its prior site, exactly as ``vectorize_particles=True`` requires.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pyro
@@ -23,7 +24,7 @@ from pyro.poutine.util import site_is_subsample
 from ..distribution import ScoreSDEPrior
 from ..dynamics import model_dtype_device
 
-__all__ = ["ModelLikelihood", "unwrap_score_prior"]
+__all__ = ["ModelLikelihood", "ModelSampler", "unwrap_score_prior"]
 
 PARTICLE_PLATE = "_diffusion_posterior_particles"
 
@@ -213,3 +214,39 @@ class ModelLikelihood:
             rows = self.particle_rows(name, lp, lp.dim(), b)
             total = total + rows.sum(-1).to(total.dtype)
         return total
+
+
+class ModelSampler:
+    """What :class:`~pyro_scoreflow.infer.DiffusionPosterior` and :class:`~pyro_scoreflow.infer.DiffusionSMC` share:
+    ``run`` reads the model's likelihood (leaving inference mode: guidance needs autograd), ``get_samples``
+    returns the draws. Subclasses set ``model``, ``site``, ``max_plate_nesting`` and implement
+    ``_sample(likelihood) -> x (N, *event_shape)``."""
+
+    model: Callable
+    site: str | None
+    max_plate_nesting: int | None
+    _samples: dict[str, torch.Tensor] | None = None
+    wall_time: float = 0.0
+
+    def run(self, *args, **kwargs):
+        """Sample for the model called with ``(*args, **kwargs)``; returns ``self``.
+
+        Reproducible under ``pyro.set_rng_seed``: all randomness comes from torch's global RNG."""
+        if torch.is_inference_mode_enabled():  # guidance gradients need autograd, which inference mode forbids
+            with torch.inference_mode(False):
+                return self.run(*args, **kwargs)
+        start = time.perf_counter()
+        likelihood = ModelLikelihood(self.model, args, kwargs, self.site, self.max_plate_nesting)
+        x = self._sample(likelihood)
+        self._samples = {likelihood.site: x}
+        self.wall_time = time.perf_counter() - start
+        return self
+
+    def _sample(self, likelihood: ModelLikelihood) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_samples(self) -> dict[str, torch.Tensor]:
+        """``{site: tensor (num_draws, *event_shape)}``, for ``Predictive(model, posterior_samples=...)``."""
+        if self._samples is None:
+            raise RuntimeError("no samples yet: call run(*model_args, **model_kwargs) first")
+        return dict(self._samples)

@@ -27,7 +27,6 @@ References:
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable
 
@@ -38,7 +37,7 @@ from ..distribution import ScoreSDEPrior
 from ..dynamics import model_dtype_device
 from ..samplers import pc_sample
 from .guidance import DPSGuidance, GuidedScoreField, PiGDMGuidance
-from .likelihood import ModelLikelihood
+from .likelihood import ModelLikelihood, ModelSampler
 from .linear_gaussian import NotLinearGaussian, linear_gaussian
 
 __all__ = ["DiffusionPosterior", "GUIDANCES"]
@@ -46,7 +45,7 @@ __all__ = ["DiffusionPosterior", "GUIDANCES"]
 GUIDANCES = ("dps", "pigdm", "auto")
 
 
-class DiffusionPosterior:
+class DiffusionPosterior(ModelSampler):
     r"""Approximate posterior samples of a score-prior site by guided reverse-time diffusion.
 
     The model must contain one latent sample site whose distribution is a
@@ -179,16 +178,7 @@ class DiffusionPosterior:
         )
 
     # -- public -----------------------------------------------------------------------------
-    def run(self, *args, **kwargs) -> DiffusionPosterior:
-        """Draw the samples for the model called with ``(*args, **kwargs)``; returns ``self``.
-
-        Reproducible under ``pyro.set_rng_seed``: all randomness comes from torch's global RNG.
-        """
-        if torch.is_inference_mode_enabled():  # guidance gradients need autograd, which inference mode forbids
-            with torch.inference_mode(False):
-                return self.run(*args, **kwargs)
-        start = time.perf_counter()
-        likelihood = ModelLikelihood(self.model, args, kwargs, self.site, self.max_plate_nesting)
+    def _sample(self, likelihood: ModelLikelihood) -> torch.Tensor:
         prior = likelihood.prior
         guidance, self.method = self._make_guidance(likelihood)
         num_steps = prior.num_steps if self.num_steps is None else self.num_steps
@@ -201,17 +191,8 @@ class DiffusionPosterior:
                 draws.append(x)
                 fields.append(field)
         self._warn_if_unguided(fields)
-        x = torch.cat(draws)
-        self._samples = {likelihood.site: x.reshape((self.num_samples,) + tuple(prior.event_shape))}
         self.nfe = num_steps * (1 + self.corrector_steps) + int(prior.denoise)
-        self.wall_time = time.perf_counter() - start
-        return self
-
-    def get_samples(self) -> dict[str, torch.Tensor]:
-        """``{site: tensor of shape (num_samples, *event_shape)}``, for ``Predictive(posterior_samples=...)``."""
-        if self._samples is None:
-            raise RuntimeError("no samples yet: call run(*model_args, **model_kwargs) first")
-        return dict(self._samples)
+        return torch.cat(draws).reshape((self.num_samples,) + tuple(prior.event_shape))
 
     # -- internals ----------------------------------------------------------------------------
     def _make_guidance(self, likelihood: ModelLikelihood):

@@ -109,7 +109,6 @@ References:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -119,7 +118,7 @@ from ..checks import ArgumentTypeError, check_choice, check_int, check_interval,
 from ..distribution import ScoreSDEPrior
 from ..dynamics import SolverError, model_dtype_device
 from .guidance import DPSGuidance, PiGDMGuidance
-from .likelihood import ModelLikelihood
+from .likelihood import ModelLikelihood, ModelSampler
 from .linear_gaussian import NotLinearGaussian, linear_gaussian
 
 __all__ = ["DiffusionSMC", "SMC_GUIDANCES", "systematic_resample"]
@@ -200,7 +199,7 @@ class _DPSTwist(DPSGuidance):
         return log_lik.logsumexp(-1) - math.log(m)
 
 
-class DiffusionSMC:
+class DiffusionSMC(ModelSampler):
     r"""Posterior samples and the evidence of a model with a score prior, by twisted sequential Monte Carlo.
 
     The samples converge to the exact posterior :math:`p(x \mid y) \propto p(x)\,p(y \mid x)` of the model
@@ -299,15 +298,7 @@ class DiffusionSMC:
         )
 
     # -- public -----------------------------------------------------------------------------------
-    def run(self, *args, **kwargs) -> DiffusionSMC:
-        """Run the sampler for the model called with ``(*args, **kwargs)``; returns ``self``.
-
-        Reproducible under ``pyro.set_rng_seed``: all randomness comes from torch's global RNG."""
-        if torch.is_inference_mode_enabled():  # twist gradients need autograd, which inference mode forbids
-            with torch.inference_mode(False):
-                return self.run(*args, **kwargs)
-        start = time.perf_counter()
-        likelihood = ModelLikelihood(self.model, args, kwargs, self.site, self.max_plate_nesting)
+    def _sample(self, likelihood: ModelLikelihood) -> torch.Tensor:
         if not likelihood.observed:
             raise ValueError(
                 "the model has no observed sites: DiffusionSMC conditions a score prior on observations (declare "
@@ -316,15 +307,7 @@ class DiffusionSMC:
         self.data_std_used = self._pilot_std(likelihood.prior) if self.data_std == "auto" else self.data_std
         twist, self.method = self._make_twist(likelihood)
         x = self._run(likelihood, twist)
-        self._samples = {likelihood.site: x.reshape((self.num_particles,) + tuple(likelihood.event_shape))}
-        self.wall_time = time.perf_counter() - start
-        return self
-
-    def get_samples(self) -> dict[str, torch.Tensor]:
-        """``{site: tensor (num_particles, *event_shape)}``, equally weighted, for ``Predictive``."""
-        if self._samples is None:
-            raise RuntimeError("no samples yet: call run(*model_args, **model_kwargs) first")
-        return dict(self._samples)
+        return x.reshape((self.num_particles,) + tuple(likelihood.event_shape))
 
     # -- internals --------------------------------------------------------------------------------
     def _make_twist(self, likelihood: ModelLikelihood):
