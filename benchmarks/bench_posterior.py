@@ -73,8 +73,8 @@ class Settings:
     dims: tuple = (2, 16, 64)
     eval_n: int = 2000  # draws compared with exact draws (energy distance)
     is_n: int = 20000
-    nuts: tuple = (50, 300, 2)  # warmup, samples, max tree depth (latent space; the same depth as on log_prob)
-    nuts_logprob: tuple = (30, 120, 2)  # 2-D, and the unimodal problems in nuts_logprob_dims
+    nuts: tuple = (100, 300, 3)  # warmup, samples, max tree depth (latent space)
+    nuts_logprob: tuple = (100, 120, 3)  # the same warm-up and depth on log_prob (2-D and nuts_logprob_dims)
     nuts_logprob_dims: tuple = (16,)  # where NUTS on log_prob is run, not only projected
     nuts_ode: tuple = (20, 30, 2)  # 2-D only
     svi_steps: int = 200
