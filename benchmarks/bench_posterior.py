@@ -603,7 +603,10 @@ def section_latency(settings: Settings, out: list) -> None:
         "of log p against a float64 solve at rtol = atol = 1e-8 (the same points, no gradient).\n"
     )
     out.append(
-        table(["prior", "rtol = atol", "seconds per point", "NFE (forward)", "max |err| (nats)", "mean |err|"], rows)
+        table(
+            ["prior", "rtol = atol", "seconds per point", "NFE (forward)", "max error (nats)", "mean error (nats)"],
+            rows,
+        )
         + "\n"
     )
     print(out[-1], flush=True)
