@@ -17,12 +17,13 @@ VP SDE) it measures, per prior:
   ``rtol = atol = 1e-5``, ``1e-3`` for ``digits`` as in its shipped evaluation), and its accuracy: the largest
   per-point error against a solve 100x tighter (the exact log-density for the mixture);
 * **latent round trip**: encode held-out points to :math:`x_T` with ``flow.inv`` and decode with ``flow``
-  (one plain probability-flow solve each way, default tolerances): the largest error over the points, relative
-  to the data's RMS;
+  (one plain probability-flow solve each way, default tolerances): the median and largest error over the
+  points, relative to the data's RMS;
 * **mode coverage**: each mode's share of 4000 samples (1000 for ``digits``) against its share of the data,
-  the largest difference (the per-mode shares are printed below the table); modes: mixture components (most likely component), the two moons (nearest arc),
-  the 8 checkerboard squares (nearest square), the 10 digit classes (a logistic-regression classifier trained
-  on the training images, its predicted class shares on the samples against those on all 1797 images).
+  the largest difference (the per-mode shares are printed below the table); modes: mixture components (most
+  likely component), the two moons (nearest arc), the 8 checkerboard squares (nearest square), the 10 digit
+  classes (a logistic-regression classifier trained on the training images, its predicted class shares on the
+  samples against those on all 1797 images).
 
 These are measurements, never assertions: the script exits 0 whatever the numbers are.
 """
