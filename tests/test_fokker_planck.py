@@ -81,8 +81,8 @@ def relative_residual(terms: list[torch.Tensor]) -> torch.Tensor:
 
 
 def points_and_times(score: GaussianMixtureScore, n: int, seed: int):
-    """Times uniform in log t on [eps, T] (small times matter), points drawn from p_t or p_t widened by 1.5
-    (tails), one time per point."""
+    """Times uniform in log t on [1e-3, T] (small times matter), points drawn from p_t, every other one
+    scaled by 1.5 (tails), one time per point."""
     g = torch.Generator().manual_seed(seed)
     sde = score.sde
     u = torch.rand(n, generator=g, dtype=torch.float64)
@@ -100,7 +100,8 @@ MIXTURES = [("mixture_2d", lambda sde: mixture_2d(sde)), ("random_3d", lambda sd
 @pytest.mark.parametrize("name, make", MIXTURES, ids=[m[0] for m in MIXTURES])
 def test_fokker_planck_and_continuity_residuals_vanish(sde, name, make):
     """Both residuals, relative to the size of their terms, are below 1e-9 at 64 random points and times
-    (measured: ~1e-13 to 1e-11; float64 round-off amplified by the cancellation of the terms)."""
+    (measured: 1.3e-15 to 7.9e-14 for Fokker–Planck, 1.0e-14 to 3.9e-13 for the continuity equation; float64
+    round-off amplified by the cancellation of the terms)."""
     score = make(sde)
     x, t = points_and_times(score, 64, seed=0)
     fp, continuity = pde_terms(score, x, t)
