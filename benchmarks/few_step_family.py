@@ -109,10 +109,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="2000 samples, three 2-D mixtures")
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 8], help="which members of the family")
+    parser.add_argument("--samplers", nargs="+", default=None, help="substrings of the sampler names to run")
     args = parser.parse_args(argv)
+    samplers = {k: v for k, v in SAMPLERS.items() if args.samplers is None or any(s in k for s in args.samplers)}
     torch.set_num_threads(1)
     n = 2000 if args.quick else args.samples
-    problems = [(2, k, s) for k, s in PROBLEMS_2D] + [(8, k, s) for k, s in PROBLEMS_8D]
+    problems = [(d, k, s) for d, family in ((2, PROBLEMS_2D), (8, PROBLEMS_8D)) if d in args.dims for k, s in family]
     if args.quick:
         problems = problems[:3]
     sde = VPSDE()
@@ -129,7 +132,7 @@ def main(argv=None) -> None:
         labels.append(f"{dim}-D K={k} seed {seed}")
         results.setdefault(("floor", 0), []).append(floor)
         for nfe in (10, 20):
-            for name, run in SAMPLERS.items():
+            for name, run in samplers.items():
                 field = ScoreField(score, sde, (dim,))
                 x = run(field, x_T, nfe)
                 assert field.nfe == nfe, (name, field.nfe)
@@ -142,7 +145,7 @@ def main(argv=None) -> None:
     print("| noise floor | - | " + " | ".join(f"{v:.1e}" for v in floors) + " | - | - |")
     two_d = [i for i, (dim, _, _) in enumerate(problems) if dim == 2]
     for nfe in (10, 20):
-        for name in SAMPLERS:
+        for name in samplers:
             vals = results[(name, nfe)]
             worst_2d = max(vals[i] for i in two_d) if two_d else float("nan")
             worst_ratio = max(v / f for v, f in zip(vals, floors))
