@@ -36,3 +36,25 @@ def test_posterior_benchmark_quick_mode_runs(tmp_path):
     for heading in ("Inverse problems with exact-mixture priors", "Targets", "digits prior", "log_prob latency"):
         assert heading in text, heading
     assert figure.stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, heading",
+    [
+        ("langevin_corrector.py", "| SDE | NFE | sampler |"),
+        ("trilemma.py", "| prior | sampling"),
+        ("few_step_family.py", "| dpm-solver (this package) | 10 |"),
+    ],
+)
+def test_issue_13_benchmarks_quick_mode_run(script, heading):
+    """The Langevin-corrector, trilemma and few-step-family scripts run end to end (7-50 s each with --quick)."""
+    if script == "few_step_family.py":
+        pytest.importorskip("diffusers")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert heading in proc.stdout
