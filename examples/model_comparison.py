@@ -222,6 +222,7 @@ if __name__ == "__main__":
     parser.add_argument("--tree-depth", type=int, default=4)
     args = parser.parse_args()
     if args.smoke:
+        print("--smoke: tiny sizes that only check that the script runs; its numbers are not meaningful.")
         args.num_points, args.particles, args.steps, args.is_draws = 2, 100, 20, 200
         args.nuts_warmup, args.nuts_samples, args.tree_depth = 3, 4, 1
     main(args)
