@@ -17,6 +17,13 @@ def mixture_2d(sde, dtype=torch.float64) -> GaussianMixtureScore:
     return GaussianMixtureScore(sde, locs, scale_tril, logits)
 
 
+def two_mode_mixture(sde, dtype=torch.float64) -> GaussianMixtureScore:
+    """Two correlated, equally weighted 2-D components at (-1.5, -0.5) and (1.5, 0.5): the posterior tests' prior."""
+    locs = torch.tensor([[-1.5, -0.5], [1.5, 0.5]], dtype=dtype)
+    scale_tril = torch.tensor([[[0.6, 0.0], [0.3, 0.4]], [[0.5, 0.0], [-0.2, 0.5]]], dtype=dtype)
+    return GaussianMixtureScore(sde, locs, scale_tril)
+
+
 def random_mixture(sde, K: int, D: int, seed: int = 0, dtype=torch.float64, scale: float = 0.3) -> GaussianMixtureScore:
     g = torch.Generator().manual_seed(seed)
     locs = torch.randn(K, D, generator=g, dtype=dtype)

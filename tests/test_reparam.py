@@ -24,16 +24,16 @@ from pyro_scoreflow import VESDE, VPSDE, ConditionalScoreSDEPrior, GaussianMixtu
 from pyro_scoreflow.infer import ScoreFlowReparam, linear_gaussian_posterior
 from pyro_scoreflow.metrics import energy_distance
 
+from helpers import two_mode_mixture
+
 F64 = torch.float64
 SDE = VPSDE()
-LOCS = torch.tensor([[-1.5, -0.5], [1.5, 0.5]], dtype=F64)
-SCALE_TRIL = torch.tensor([[[0.6, 0.0], [0.3, 0.4]], [[0.5, 0.0], [-0.2, 0.5]]], dtype=F64)
 W = torch.tensor([[1.0, 1.0]], dtype=F64)
 
 
 @pytest.fixture(scope="module")
 def score() -> GaussianMixtureScore:
-    return GaussianMixtureScore(SDE, LOCS, SCALE_TRIL)
+    return two_mode_mixture(SDE)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_trace_structure_plates_and_batches(score):
     torch.testing.assert_close(trace.log_prob_sum(), base["fn"].log_prob(base["value"]).sum())
     # expand + to_event, and the VE SDE's prior N(0, sigma_T^2 I)
     ve = VESDE()
-    ve_prior = ScoreSDEPrior(GaussianMixtureScore(ve, LOCS, SCALE_TRIL), ve, (2,))
+    ve_prior = ScoreSDEPrior(two_mode_mixture(ve), ve, (2,))
     trace = poutine.trace(reparam(lambda: pyro.sample("x", ve_prior.expand([4]).to_event(1)))).get_trace()
     base = trace.nodes["x_base"]["fn"]
     assert base.batch_shape == () and base.event_shape == (4, 2)
@@ -132,7 +132,7 @@ def test_trace_structure_plates_and_batches(score):
 def test_conditional_prior_one_context_per_batch_element():
     """ConditionalScoreSDEPrior.condition(c) with c of shape (3,): each element decodes with its own context,
     and gradients reach the context."""
-    mixture = GaussianMixtureScore(SDE, LOCS, SCALE_TRIL)
+    mixture = two_mode_mixture(SDE)
 
     class Shifted(torch.nn.Module):  # the mixture shifted by c * (1, 1)
         def __init__(self):

@@ -27,12 +27,10 @@ from pyro.infer import Predictive
 from pyro_scoreflow import VESDE, VPSDE, ConditionalScoreSDEPrior, GaussianMixtureScore, ScoreSDEPrior, datasets
 from pyro_scoreflow.infer import DiffusionSMC, linear_gaussian_posterior
 
-from helpers import component_masses, random_mixture
+from helpers import component_masses, random_mixture, two_mode_mixture
 
 F64 = torch.float64
 SDE = VPSDE()
-LOCS = torch.tensor([[-1.5, -0.5], [1.5, 0.5]], dtype=F64)
-SCALE_TRIL = torch.tensor([[[0.6, 0.0], [0.3, 0.4]], [[0.5, 0.0], [-0.2, 0.5]]], dtype=F64)
 W = torch.tensor([[1.0, 1.0]], dtype=F64)  # y = x1 + x2 + noise
 Y = torch.tensor([0.5], dtype=F64)  # between the modes: posterior masses (0.27, 0.73) at noise 0.5
 N = 2000
@@ -40,7 +38,7 @@ N = 2000
 
 @pytest.fixture(scope="module")
 def score() -> GaussianMixtureScore:
-    return GaussianMixtureScore(SDE, LOCS, SCALE_TRIL)
+    return two_mode_mixture(SDE)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +187,7 @@ def test_16d_bimodal_target():
 
 @pytest.mark.parametrize("sde", [VESDE()], ids=["ve"])
 def test_other_sde(sde):
-    score = GaussianMixtureScore(sde, LOCS, SCALE_TRIL)
+    score = two_mode_mixture(sde)
     prior = ScoreSDEPrior(score, sde, (2,))
     y = torch.tensor([2.5], dtype=F64)  # unimodal
     post, log_z = linear_gaussian_posterior(score.marginal(sde.eps), W, y, 0.25 * torch.eye(1, dtype=F64))
@@ -203,7 +201,7 @@ def test_other_sde(sde):
 
 def test_conditional_prior():
     """A conditioned ConditionalScoreSDEPrior (the mixture shifted by the context c): the context reaches the score."""
-    mixture = GaussianMixtureScore(SDE, LOCS, SCALE_TRIL)
+    mixture = two_mode_mixture(SDE)
 
     class Shifted(torch.nn.Module):  # p_t of x' + c, x' from the mixture: the mixture's score at x - alpha_t c
         def __init__(self):

@@ -38,7 +38,23 @@ from ..dynamics import ScoreField, SolverError
 from .likelihood import ModelLikelihood
 from .linear_gaussian import LinearGaussian
 
-__all__ = ["DPSGuidance", "GuidedScoreField", "PiGDMGuidance"]
+__all__ = ["DPSGuidance", "GuidedScoreField", "PiGDMGuidance", "gradient_or_zero", "trust_region"]
+
+
+def gradient_or_zero(log_lik: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\nabla_x \sum_i \log\hat p(y \mid x_i)` per row of ``x``; zeros when no observation depends on ``x``."""
+    if not log_lik.requires_grad:
+        return torch.zeros_like(x)
+    (grad,) = torch.autograd.grad(log_lik.sum(), x)
+    return grad
+
+
+def trust_region(term: torch.Tensor, clip: float, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Each row of ``term`` ``(N, D)`` scaled down to norm at most :math:`\kappa\sqrt{D}/\sigma_t` (``clip``
+    :math:`\kappa`); returns the scaled term and which rows were scaled ``(N, 1)``."""
+    cap = clip * math.sqrt(term.shape[-1]) / sigma
+    norm = term.norm(dim=-1, keepdim=True)
+    return term * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0), norm > cap
 
 
 class DPSGuidance:
@@ -167,10 +183,7 @@ class GuidedScoreField(ScoreField):
             s = self.prior_score(xg, t)
             x0 = self.sde.denoise(xg, s, t)
             log_lik = self.guidance(x0.reshape((x.shape[0],) + tuple(self.event_shape)), alpha, sigma)
-            if log_lik.requires_grad:
-                (grad,) = torch.autograd.grad(log_lik.sum(), xg)
-            else:  # no observation depends on x
-                grad = torch.zeros_like(xg)
+            grad = gradient_or_zero(log_lik, xg)
         if not torch.isfinite(grad).all():
             raise SolverError(
                 f"the guidance gradient is not finite at t={float(t):.4g}; check the likelihood, or lower "
@@ -180,8 +193,6 @@ class GuidedScoreField(ScoreField):
         self.guided_calls += 1
         self.zero_gradient_calls += int(not bool(term.abs().sum() > 0))
         if self.clip is not None:  # trust region: |guidance| <= clip sqrt(D) / sigma_t per particle
-            cap = self.clip * math.sqrt(x.shape[-1]) / sigma
-            norm = term.norm(dim=-1, keepdim=True)
-            self.clipped_calls += int(bool((norm > cap).double().mean() >= 0.5))
-            term = term * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
+            term, clipped = trust_region(term, self.clip, sigma)
+            self.clipped_calls += int(bool(clipped.double().mean() >= 0.5))
         return s.detach() + term

@@ -136,9 +136,8 @@ class ScoreFlowReparam(Reparam):
         :math:`T`, with the prior's tolerances, without gradient (the inverse of ``"ode"``'s map to the
         solver's tolerance, of ``"dpm-solver"``'s to the sampler's error)."""
         x, _ = self._lead(prior, x)
-        flow = self._flow(prior) if self.sampler == "ode" else prior.flow
         with torch.no_grad():
-            return flow.solve(x, self._end_time(prior), prior.sde.T, divergence=False)[0]
+            return self._flow(prior).solve(x, self._end_time(prior), prior.sde.T, divergence=False)[0]
 
     # -- pyro.infer.reparam protocol ---------------------------------------------------------------
     def apply(self, msg: dict) -> dict:

@@ -117,7 +117,7 @@ from tqdm.auto import tqdm
 from ..checks import ArgumentTypeError, check_choice, check_int, check_interval, check_optional, check_real
 from ..distribution import ScoreSDEPrior
 from ..dynamics import SolverError, model_dtype_device
-from .guidance import DPSGuidance, PiGDMGuidance
+from .guidance import DPSGuidance, PiGDMGuidance, gradient_or_zero, trust_region
 from .likelihood import ModelLikelihood, ModelSampler
 from .linear_gaussian import NotLinearGaussian, linear_gaussian
 
@@ -331,7 +331,7 @@ class DiffusionSMC(ModelSampler):
     def _evaluate(self, prior: ScoreSDEPrior, twist, x: torch.Tensor, t: torch.Tensor, probes=None):
         r"""Score, :math:`\log\tilde p_t(y \mid x)` (float64) and its gradient (clipped) at flat ``x`` ``(N, D)``."""
         sde = prior.sde
-        n, d = x.shape
+        n = x.shape[0]
         alpha, sigma = sde.marginal(t)
         scores, logs, grads = [], [], []
         for lo, hi in self._chunks(n):
@@ -352,10 +352,7 @@ class DiffusionSMC(ModelSampler):
                     d2 = self.data_std_used**2
                     gamma = alpha**2 * d2 / (alpha**2 * d2 + self.temper * sigma**2)
                     log_twist = gamma.to(log_twist.dtype) * log_twist
-                if log_twist.requires_grad:
-                    (grad,) = torch.autograd.grad(log_twist.sum(), xg)
-                else:  # no observation depends on x
-                    grad = torch.zeros_like(xg)
+                grad = gradient_or_zero(log_twist, xg)
             scores.append(s.detach())
             logs.append(log_twist.detach().double())
             grads.append(grad.to(x.dtype))
@@ -366,9 +363,7 @@ class DiffusionSMC(ModelSampler):
         if not torch.isfinite(grad).all():
             raise SolverError(f"the twist's gradient is not finite at t={float(t):.4g}; check the likelihood")
         if self.guidance_clip is not None:
-            cap = self.guidance_clip * math.sqrt(d) / float(sigma)
-            norm = grad.norm(dim=-1, keepdim=True)
-            grad = grad * (cap / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
+            grad, _ = trust_region(grad, self.guidance_clip, float(sigma))
         return score, torch.cat(logs), grad
 
     def _log_likelihood(self, likelihood: ModelLikelihood, x: torch.Tensor) -> torch.Tensor:
