@@ -30,9 +30,9 @@ schedule). Every sampler uses exactly NFE score evaluations (checked). Quality: 
 ``--samples`` draws to as many exact draws of :math:`p_\epsilon`, with the two-sample noise floor (two exact
 sets) of each mixture.
 
-Shipped priors (``--shipped``): no exact draws exist, so the reference is the prior's own reverse SDE with
-1000 Euler-Maruyama steps; each sampler's draws are compared with held-out data of the training set (as
-docs/benchmarks.md section 3) and with the reference draws; floor: a second reference set.
+Shipped priors (``--shipped``): no exact draws exist; every sampler's draws are compared with held-out data
+of the training set (as docs/benchmarks.md section 3; floor: a second held-out set), next to two 1000-step
+references, the reverse SDE (1000 Euler-Maruyama steps) and the probability-flow ODE (1000 Euler steps).
 Measurements, never assertions.
 """
 
@@ -53,7 +53,7 @@ if str(HERE.parent) not in sys.path:
 from pyro_scoreflow import VESDE, VPSDE, GaussianMixtureScore, ScoreSDEPrior, SubVPSDE, datasets  # noqa: E402
 from pyro_scoreflow.dynamics import ScoreField  # noqa: E402
 from pyro_scoreflow.metrics import energy_distance  # noqa: E402
-from pyro_scoreflow.samplers import dpm_solver_sample, reverse_sde_sample  # noqa: E402
+from pyro_scoreflow.samplers import dpm_solver_sample, probability_flow_sample, reverse_sde_sample  # noqa: E402
 
 TRAIN_STEPS = 1000
 
@@ -133,6 +133,14 @@ def reference_sample(field: ScoreField, x_T: torch.Tensor) -> torch.Tensor:
     return reverse_sde_sample(field, x_T, num_steps=REFERENCE_STEPS, method="euler")
 
 
+def pf_ode_reference(field: ScoreField, x_T: torch.Tensor) -> torch.Tensor:
+    """The deterministic 1000-step reference: Euler on the probability-flow ODE (the map every ODE solver
+    approximates; a learned score's flow can differ from its reverse SDE, so both are shown)."""
+    return probability_flow_sample(
+        field, x_T, method="euler", rtol=0.0, atol=0.0, num_steps=REFERENCE_STEPS, max_num_steps=10 * REFERENCE_STEPS
+    )
+
+
 def family_table(sde_name: str, problems, samplers, n: int, t0: float) -> None:
     """One table: every sampler at 10 and 20 NFE and the 1000-step reference on each mixture."""
     sde = SDES[sde_name]()
@@ -174,34 +182,31 @@ def family_table(sde_name: str, problems, samplers, n: int, t0: float) -> None:
 
 
 def shipped_table(names, n: int, t0: float) -> None:
-    """The shipped priors: each sampler against held-out data and against the 1000-step reference (independent
-    draws of the prior's reverse SDE; a second set gives the floor)."""
-    print(f"\n### Shipped priors: energy distance to held-out data and to {REFERENCE_STEPS}-step reference draws\n")
-    print("| prior | n | sampler | NFE | to held-out data | / data floor | to reference | / reference floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    """The shipped priors: each sampler's draws against held-out data, next to the two 1000-step references."""
+    print(f"\n### Shipped priors: energy distance to held-out data, {REFERENCE_STEPS}-step references\n")
+    print("| prior | n | sampler | NFE | energy distance | / data floor |")
+    print("|---|---|---|---|---|---|")
     for name in names:
         prior = ScoreSDEPrior.from_pretrained(name)
         size = min(n, 2000) if name == "digits" else n
         data = datasets.load(name, num_samples=size, seed=123, split="test" if name == "digits" else "all")[:size]
         data2 = datasets.load(name, num_samples=size, seed=124, split="train" if name == "digits" else "all")[:size]
-        data_floor = float(energy_distance(data2, data))
+        floor = float(energy_distance(data2, data))
+        print(f"| {name} | {size} | held-out data, second set (floor) | - | {floor:.2e} | 1.00 |")
         field = prior._score_field(torch.Size([size]), torch.float32, torch.device("cpu"))
         torch.manual_seed(0)
         x_T = torch.randn(size, *prior.event_shape).reshape(size, -1) * prior.sde.prior_std()
-        ref = reference_sample(field, torch.randn_like(x_T)).reshape(size, *prior.event_shape)
-        ref2 = reference_sample(field, torch.randn_like(x_T)).reshape(size, *prior.event_shape)
-        ref_floor = float(energy_distance(ref2, ref))
-        rows = [("reverse SDE (reference, second set)", REFERENCE_STEPS, ref2)]
+        runs = [
+            ("reverse SDE, Euler-Maruyama (reference)", REFERENCE_STEPS, reference_sample),
+            ("probability-flow ODE, Euler (reference)", REFERENCE_STEPS, pf_ode_reference),
+        ] + [(label, nfe, run) for nfe in (10, 20) for label, run in OURS.items()]
         with torch.no_grad():
-            for nfe in (10, 20):
-                for label, run in OURS.items():
-                    field.nfe = 0
-                    rows.append((label, nfe, run(field, x_T, nfe).reshape(size, *prior.event_shape)))
-                    assert field.nfe == nfe, (label, field.nfe)
-        for label, nfe, x in rows:
-            to_data, to_ref = float(energy_distance(x, data)), float(energy_distance(x, ref))
-            print(f"| {name} | {size} | {label} | {nfe} | {to_data:.2e} | {to_data / data_floor:.2f} | "
-                  f"{to_ref:.2e} | {to_ref / ref_floor:.2f} |")  # fmt: skip
+            for label, nfe, run in runs:
+                field.nfe = 0
+                x = run(field, x_T) if nfe == REFERENCE_STEPS else run(field, x_T, nfe)
+                assert field.nfe == nfe, (label, field.nfe)
+                ed = float(energy_distance(x.reshape(size, *prior.event_shape), data))
+                print(f"| {name} | {size} | {label} | {nfe} | {ed:.2e} | {ed / floor:.2f} |")
         print(f"  {name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
 
 
@@ -210,7 +215,7 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="2000 samples, three 2-D mixtures, VP, moons only")
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 8], help="which members of the family")
-    parser.add_argument("--sdes", nargs="+", default=["vp", "ve"], choices=sorted(SDES))
+    parser.add_argument("--sdes", nargs="*", default=["vp", "ve"], choices=sorted(SDES))
     parser.add_argument("--samplers", nargs="+", default=None, help="substrings of the sampler names to run")
     parser.add_argument("--shipped", nargs="*", default=["moons", "checkerboard", "digits"], help="shipped priors")
     args = parser.parse_args(argv)

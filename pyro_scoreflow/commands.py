@@ -118,7 +118,7 @@ def sampler_text(prior: ScoreSDEPrior) -> str:
     if prior.sampler == "sde":
         return f"reverse-time SDE, {prior.num_steps} {prior.sde_method} steps"
     if prior.sampler == "dpm-solver":
-        return f"DPM-Solver++ multistep of order {prior.dpm_order}, {prior.num_steps} steps"
+        return f"DPM-Solver++ multistep of order {prior.dpm_order} with UniC corrector, {prior.num_steps} steps"
     corrector = f"{prior.corrector_steps} Langevin step{'s' if prior.corrector_steps != 1 else ''}"
     if prior.sampler == "pc":
         return f"predictor-corrector, {prior.num_steps} {prior.predictor} steps and {corrector} after each"

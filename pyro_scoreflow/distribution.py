@@ -69,9 +69,10 @@ class ScoreSDEPrior(TorchDistribution):
       :math:`dx = \tilde f\,dt`, :math:`\tilde f = f - \tfrac12 g^2 s_\theta`, with
       ``torchdiffeq.odeint`` (``ode_method``; ``rtol``/``atol`` for adaptive
       methods, ``num_steps`` for fixed-grid ones);
-    * ``sampler="dpm-solver"``: DPM-Solver++ multistep (order ``dpm_order``, default 3) on the
-      probability-flow ODE, ``num_steps`` score evaluations in all (use 10-20), stopping at
-      ``dpm_end_time`` (:func:`~pyro_scoreflow.samplers.dpm_solver_sample`);
+    * ``sampler="dpm-solver"``: DPM-Solver++ multistep (order ``dpm_order``, default 3) with the UniC
+      corrector on the probability-flow ODE, ``num_steps`` score evaluations in all (use 10-20), stopping
+      at ``dpm_end_time`` (default: where :math:`\sigma/\alpha = 0.025`;
+      :func:`~pyro_scoreflow.samplers.dpm_solver_sample`);
     * ``sampler="pc"``: predictor-corrector sampling, a reverse-diffusion (``predictor``) step and
       ``corrector_steps`` Langevin steps with signal-to-noise ratio ``snr`` per time step;
     * ``sampler="langevin"``: annealed Langevin dynamics over ``num_steps`` noise levels.

@@ -68,9 +68,10 @@ class SolverOptions:
     :ivar int num_steps: fixed steps of ``"sde"``, ``"pc"``, ``"langevin"`` and fixed-grid ODE methods;
         score evaluations of ``"dpm-solver"`` (use 10-20 there).
     :ivar str sde_method: a torchsde method valid for diagonal noise (:data:`SDE_METHODS`).
-    :ivar int dpm_order: order of the multistep DPM-Solver++ (1, 2 or 3; 3 measured best at 10 steps).
-    :ivar float dpm_end_time: where ``"dpm-solver"`` stops; ``None`` picks
-        :data:`~pyro_scoreflow.samplers.DPM_END_TIME` (see there).
+    :ivar int dpm_order: order of the multistep DPM-Solver++ predictor (1, 2 or 3; 3 measured best at 10
+        steps); its UniC corrector adds one.
+    :ivar float dpm_end_time: where ``"dpm-solver"`` stops; ``None`` picks the time where
+        :math:`\sigma/\alpha =` :data:`~pyro_scoreflow.samplers.DPM_END_NOISE` (see there).
     :ivar int corrector_steps: Langevin steps per noise level for ``"pc"`` and ``"langevin"``.
     :ivar float snr: the Langevin signal-to-noise ratio :math:`r` (step :math:`2a_t(r\|z\|/\|s\|)^2`);
         ``None`` picks the SDE's default (:func:`~pyro_scoreflow.samplers.default_snr`).

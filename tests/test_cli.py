@@ -343,7 +343,7 @@ def test_sample_accepts_every_sampler_of_the_prior(tmp_path, capsys, sampler):
     prior = ScoreSDEPrior.from_pretrained("moons", sampler=sampler, num_steps=8)
     assert f"({sampler_text(prior)})" in stdout
     if sampler == "dpm-solver":
-        assert f"DPM-Solver++ multistep of order {prior.dpm_order}, 8 steps" in stdout
+        assert f"DPM-Solver++ multistep of order {prior.dpm_order} with UniC corrector, 8 steps" in stdout
 
 
 # -- matplotlib is optional ---------------------------------------------------------------------------------------
