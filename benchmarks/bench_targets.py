@@ -627,7 +627,8 @@ def target_sampling(problem_sde, make_problem, n: int, dpm_steps, sde_steps, dop
         "Energy distance (`pyro_scoreflow.metrics.energy_distance`, V-statistic) of each sampler's n draws to "
         "one fixed set of n exact draws of p_eps; *floor* is the same statistic for a second independent exact "
         f"set: {fmt_e(floor)} (a sampler at the floor is indistinguishable from exact at this n). NFE = score "
-        "evaluations (`prior.last_nfe`). DPM-Solver++ stops at its default end time 3e-3; Euler on the "
+        "evaluations (`prior.last_nfe`). DPM-Solver++ (order 3 or 2 with the UniC corrector, log-SNR steps "
+        "warped with power 0.6) stops where sigma/alpha = 0.025 (its defaults); Euler on the "
         "probability-flow ODE uses the same number of evaluations; the reverse SDE is Euler-Maruyama. "
         "Plot: `_static/benchmarks/sampling_mixture.png`.",
         "",
