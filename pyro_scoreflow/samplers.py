@@ -29,6 +29,7 @@ import torch
 import torchsde
 from tqdm.auto import tqdm
 
+from .checks import check_bool, check_int, check_real
 from .dynamics import ProbabilityFlowODE, ReverseTimeSDE, ScoreField, SolverError, solve_ode
 from .options import SDE_METHODS
 from .sde import ForwardSDE
@@ -185,6 +186,8 @@ def dpm_solver_sample(
     The marginal :math:`(\alpha, \sigma)` defines the probability-flow ODE of every linear SDE,
     so this serves VP, sub-VP and VE. Differentiable in ``x_T`` when run with autograd on.
     """
+    num_steps, order = check_int("num_steps", num_steps), check_int("order", order, maximum=3)
+    corrector, power = check_bool("corrector", corrector), check_real("power", power, positive=True)
     sde = field.sde
     ts = log_snr_schedule(sde, num_steps, torch.float64, x_T.device, dpm_end_time(sde, t_end), power)
     alphas, sigmas = sde.marginal(ts)

@@ -139,3 +139,13 @@ def test_dpm_solver_matches_the_closed_form_flow(sde):
     assert error(10) < 1e-2 and error(40) < 2e-4
     assert error(20) / error(40) > 7 and error(20, False) / error(40, False) < 7
     assert error(10) < error(10, False) / 2
+
+
+def test_dpm_solver_rejects_bad_arguments():
+    sde = VPSDE()
+    field = ScoreField(mixture_2d(sde), sde, (2,))
+    x_T = torch.randn(4, 2, dtype=torch.float64)
+    for kwargs, name in [({"power": 0.0}, "power"), ({"power": float("nan")}, "power"), ({"order": 4}, "order"),
+                         ({"corrector": "yes"}, "corrector"), ({"num_steps": 0}, "num_steps")]:  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=name):
+            dpm_solver_sample(field, x_T, **{"num_steps": 5, **kwargs})
