@@ -175,7 +175,9 @@ def dpm_solver_sample(
     and VE SDEs, docs/benchmarks.md and benchmarks/few_step_family.py): the times follow
     :func:`log_snr_schedule` with ``power`` :data:`DPM_SCHEDULE_POWER` = 0.6, i.e. large steps in
     :math:`\lambda` at high noise, where the flow is nearly linear, and small ones near the data,
-    where modes separate (uniform :math:`\lambda` gave 1.5-4x the energy distance at 10 steps).
+    where modes separate (the previous default, uniform :math:`\lambda` without the corrector, gave
+    1.8-4x the energy distance to exact draws at 10 steps on every 2-D mixture of the family under VP,
+    up to 8x under VE).
     Integrating all the way to :math:`\epsilon` spends the budget on noise levels far below the data's
     scale, so the solver stops at ``t_end`` (:func:`dpm_end_time`: by default where
     :math:`\sigma/\alpha =` :data:`DPM_END_NOISE` = 0.025, a noise 40x below unit-scale data for every
