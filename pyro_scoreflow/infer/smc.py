@@ -124,10 +124,12 @@ from ..dynamics import SolverError, model_dtype_device
 from .guidance import DPSGuidance, PiGDMGuidance, gradient_or_zero, trust_region
 from .likelihood import ModelLikelihood, ModelSampler
 from .linear_gaussian import NotLinearGaussian, linear_gaussian
+from .surrogate import MixtureTwist, fit_gaussian_mixture
 
 __all__ = ["DiffusionSMC", "SMC_GUIDANCES", "systematic_resample"]
 
-SMC_GUIDANCES = ("auto", "pigdm", "dps", "dps-plain", "none")
+SMC_GUIDANCES = ("auto", "mixture", "pigdm", "dps", "dps-plain", "none")
+MIXTURE_MAX_DIM = 256  # "auto" uses the mixture twist up to this many coordinates (its cost is O(K N D^2))
 DEFAULT_NUM_STEPS = 200
 DEFAULT_TEMPER = 0.01
 
@@ -272,6 +274,8 @@ class DiffusionSMC(ModelSampler):
         batch_size: int | None = None,
         data_std: float | str = "auto",
         twist_probes: int = 16,
+        twist_components: int = 4,
+        twist_draws: int = 4096,
         order: int = 2,
         temper: float = DEFAULT_TEMPER,
         guidance_clip: float | None = 3.0,
@@ -291,6 +295,9 @@ class DiffusionSMC(ModelSampler):
         self.site = site
         self.batch_size = check_optional(check_int, "batch_size", batch_size)
         self.twist_probes = check_int("twist_probes", twist_probes)
+        self.twist_components = check_int("twist_components", twist_components)
+        self.twist_draws = check_int("twist_draws", twist_draws, minimum=2)
+        self.surrogate = None
         self.order = check_int("order", order)
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {order}")
@@ -339,7 +346,16 @@ class DiffusionSMC(ModelSampler):
         except NotLinearGaussian as err:
             if self.guidance == "auto":
                 return _DPSTwist(likelihood, self.data_std_used, self.twist_probes), "dps"
-            raise ValueError(f"guidance='pigdm' needs linear-Gaussian observations: {err}; use guidance='dps'") from err
+            raise ValueError(
+                f"guidance={self.guidance!r} needs linear-Gaussian observations: {err}; use guidance='dps'"
+            ) from err
+        dim = math.prod(likelihood.event_shape)
+        if self.guidance == "mixture" or (self.guidance == "auto" and dim <= MIXTURE_MAX_DIM):
+            prior = likelihood.prior.with_options(sampler="dpm-solver", num_steps=20)
+            with torch.no_grad():
+                draws = prior.sample((self.twist_draws,))
+            self.surrogate = fit_gaussian_mixture(draws, max_components=self.twist_components)
+            return MixtureTwist(self.surrogate, observation), "mixture"
         return _PiGDMTwist(observation, self.data_std_used), "pigdm"
 
     def _chunks(self, n: int):
@@ -354,6 +370,16 @@ class DiffusionSMC(ModelSampler):
         scores, logs, grads = [], [], []
         for lo, hi in self._chunks(n):
             field = prior._score_field(torch.Size([hi - lo]), x.dtype, x.device)
+            if isinstance(twist, MixtureTwist):  # a function of x alone: no gradient through the score model
+                with torch.no_grad():
+                    scores.append(field(x[lo:hi], t))
+                with torch.enable_grad():
+                    xg = x[lo:hi].detach().double().requires_grad_(True)
+                    log_twist = twist(xg, alpha, sigma)
+                    (grad,) = torch.autograd.grad(log_twist.sum(), xg)
+                logs.append(log_twist.detach())
+                grads.append(grad.to(x.dtype))
+                continue
             if twist is None:
                 with torch.no_grad():
                     scores.append(field(x[lo:hi], t))
