@@ -149,7 +149,7 @@ def test_nonlinear_likelihood_against_importance_sampling(score, prior):
 
 
 def test_learned_prior_needs_tempering():
-    """The shipped digits prior, top half observed at noise 0.1: a learned score's Tweedie estimate near T is off by
+    """The ΠGDM twist (Tweedie's mean of a learned score) with the shipped digits prior, top half observed at noise 0.1: a learned score's Tweedie estimate near T is off by
     its error / alpha_T, and the untempered twist weighs particles by that noise (seeds 0-2, 200 particles, 100
     steps: ESS after the first weighting 1, log evidence -750..-800); the default temper = 0.01 keeps ESS 94-113
     there and the estimates agree (4.2-5.7 nats; 8000 particles and 400 steps: 7.6)."""
@@ -161,8 +161,8 @@ def test_learned_prior_needs_tempering():
         x = pyro.sample("x", prior)
         return pyro.sample("y", dist.Normal(x[..., :32], 0.1).to_event(1), obs=y)
 
-    tempered = DiffusionSMC(inpaint, 200, num_steps=100).run(y)
-    untempered = DiffusionSMC(inpaint, 200, num_steps=100, temper=0.0).run(y)
+    tempered = DiffusionSMC(inpaint, 200, "pigdm", num_steps=100).run(y)
+    untempered = DiffusionSMC(inpaint, 200, "pigdm", num_steps=100, temper=0.0).run(y)
     assert tempered.ess[0] > 40 and untempered.ess[0] < 5
     assert 2 < tempered.log_evidence < 10 and untempered.log_evidence < -100
     x = tempered.get_samples()["x"]

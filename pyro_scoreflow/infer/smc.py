@@ -370,15 +370,10 @@ class DiffusionSMC(ModelSampler):
         scores, logs, grads = [], [], []
         for lo, hi in self._chunks(n):
             field = prior._score_field(torch.Size([hi - lo]), x.dtype, x.device)
-            if isinstance(twist, MixtureTwist):  # a function of x alone: no gradient through the score model
+            if isinstance(twist, MixtureTwist):  # a function of x alone; the move takes its own gradient
                 with torch.no_grad():
                     scores.append(field(x[lo:hi], t))
-                with torch.enable_grad():
-                    xg = x[lo:hi].detach().double().requires_grad_(True)
-                    log_twist = twist(xg, alpha, sigma)
-                    (grad,) = torch.autograd.grad(log_twist.sum(), xg)
-                logs.append(log_twist.detach())
-                grads.append(grad.to(x.dtype))
+                    logs.append(twist(x[lo:hi], alpha, sigma))
                 continue
             if twist is None:
                 with torch.no_grad():
@@ -403,12 +398,50 @@ class DiffusionSMC(ModelSampler):
         score = torch.cat(scores)
         if twist is None:
             return score, x.new_zeros(n, dtype=torch.float64), None
+        if isinstance(twist, MixtureTwist):
+            return score, torch.cat(logs), None
         grad = torch.cat(grads)
         if not torch.isfinite(grad).all():
             raise SolverError(f"the twist's gradient is not finite at t={float(t):.4g}; check the likelihood")
         if self.guidance_clip is not None:
             grad, _ = trust_region(grad, self.guidance_clip, float(sigma))
         return score, torch.cat(logs), grad
+
+    def _mixture_move(self, twist, mean, tau, sde, t_next, noise, dtype):
+        r"""Draw :math:`x' \sim q = \mathcal N(\mu_q, \Sigma_q)`, the chain's Gaussian times the next twist
+        expanded to second order at the chain's mean (gradient of the mixture, Gauss-Newton curvature of the most
+        responsible component): :math:`\Sigma_q^{-1} = I/\tau^2 + J^\top C^{-1} J`,
+        :math:`\mu_q = m + \Sigma_q \nabla\log\tilde p`; returns :math:`x'` (rounded to ``dtype``) and
+        :math:`\log p(x' \mid x) - \log q(x')`."""
+        alpha, sigma = sde.marginal(t_next)
+        with torch.enable_grad():
+            mg = mean.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(twist(mg, alpha, sigma).sum(), mg)
+        jac, cov = twist.curvature(mean, alpha, sigma)  # (N, M, D), (N, M, M)
+        t2 = tau**2
+        inner = cov + t2 * jac @ jac.transpose(-1, -2)  # C + tau^2 J J^T
+        chol_inner = torch.linalg.cholesky(inner)
+        chol_c = torch.linalg.cholesky(cov)
+
+        def sigma_q(v):  # Sigma_q v = tau^2 v - tau^4 J^T inner^{-1} J v
+            jv = jac @ v.unsqueeze(-1)
+            return t2 * v - t2**2 * (jac.transpose(-1, -2) @ torch.cholesky_solve(jv, chol_inner)).squeeze(-1)
+
+        mu_q = mean + sigma_q(g)
+        eps = tau * noise  # Matheron: eps ~ N(0, tau^2 I), eta ~ N(0, C)
+        eta = chol_c @ torch.randn(cov.shape[:-1] + (1,), dtype=cov.dtype, device=cov.device)
+        corr = jac.transpose(-1, -2) @ torch.cholesky_solve(jac @ eps.unsqueeze(-1) + eta, chol_inner)
+        x_next = (mu_q + eps - t2 * corr.squeeze(-1)).to(dtype)  # the densities below at the rounded x'
+        d_q = x_next.double() - mu_q
+        jd = jac @ d_q.unsqueeze(-1)
+        quad_q = (d_q**2).sum(-1) / t2 + (jd * torch.cholesky_solve(jd, chol_c)).sum((-1, -2))
+        logdet_ratio = 2 * (
+            torch.log(torch.diagonal(chol_inner, dim1=-2, dim2=-1)).sum(-1)
+            - torch.log(torch.diagonal(chol_c, dim1=-2, dim2=-1)).sum(-1)
+        )  # log|Sigma_p|/|Sigma_q|
+        log_q = -0.5 * quad_q + 0.5 * logdet_ratio
+        log_p = -0.5 * ((x_next.double() - mean) ** 2).sum(-1) / t2
+        return x_next, log_p - log_q
 
     def _log_likelihood(self, likelihood: ModelLikelihood, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(likelihood.event_shape)
@@ -492,11 +525,18 @@ class DiffusionSMC(ModelSampler):
             mean = (c_x * x + c_0 * _extrapolated(x0, x0_prev if self.order == 2 else None, lams, k)).double()
             x0_prev = x0
             noise = torch.randn_like(x).double()
-            shift = 0.0 if grad is None else tau**2 * grad.double()
-            x_next = (mean + shift + tau * noise).to(dtype)
-            if grad is None:
+            if isinstance(twist, MixtureTwist):
+                moves = [
+                    self._mixture_move(twist, mean[lo:hi], tau, sde, t_dev[k + 1], noise[lo:hi], dtype)
+                    for lo, hi in self._chunks(n)
+                ]
+                x_next, log_ratio = torch.cat([m[0] for m in moves]), torch.cat([m[1] for m in moves])
+            elif grad is None:
+                x_next = (mean + tau * noise).to(dtype)
                 log_ratio = torch.zeros(n, dtype=torch.float64, device=device)
             else:  # log p(x'|x) - log q(x'|x) at the rounded x' (both Gaussians share tau)
+                shift = tau**2 * grad.double()
+                x_next = (mean + shift + tau * noise).to(dtype)
                 r = x_next.double() - mean
                 log_ratio = 0.5 * ((r - shift) ** 2 - r**2).sum(-1) / tau**2
             if not torch.isfinite(x_next).all():

@@ -82,7 +82,7 @@ def _em(x: torch.Tensor, k: int, ridge: float, iterations: int, tol: float, gene
         dist2 = torch.stack([(x - c).pow(2).sum(-1) for c in centres]).min(0).values
         centres.append(x[torch.multinomial(dist2 / dist2.sum(), 1, generator=generator)].squeeze(0))
     locs = torch.stack(centres)
-    resp = (-torch.cdist(x, locs) ** 2).softmax(-1)
+    resp = (-(torch.cdist(x, locs) ** 2)).softmax(-1)
     previous = -math.inf
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     for _ in range(iterations):
@@ -169,3 +169,22 @@ class MixtureTwist:
         log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
         log_obs = -0.5 * (white**2).sum(1).T - log_det - 0.5 * m * math.log(2 * math.pi)  # (N, K)
         return (log_pi + log_obs).logsumexp(-1) - log_pi.logsumexp(-1)
+
+    def curvature(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        r"""Gauss-Newton pieces of :math:`-\log\tilde p_t(y \mid x)` at rows of ``x``, from each row's most
+        responsible component :math:`k`: :math:`J = A\,\partial m_k/\partial x = B_k \operatorname{diag}(g_k)
+        U_k^\top` ``(N, M, D)`` and :math:`C = I + A S_k A^\top` ``(N, M, M)``; the Hessian is about
+        :math:`J^\top C^{-1} J`."""
+        fit = self.fit
+        x = x.reshape(x.shape[0], -1).double()
+        alpha, sigma = alpha.double(), sigma.double()
+        c = alpha**2 * fit.evals + sigma**2
+        z = torch.einsum("nd,kde->nke", x, fit.evecs) - alpha * torch.einsum("kd,kde->ke", fit.locs, fit.evecs)
+        log_pi = fit.logits - 0.5 * ((z**2 / c).sum(-1) + c.log().sum(-1))
+        k = log_pi.argmax(-1)  # (N,)
+        gain = alpha * fit.evals / c
+        shrunk = fit.evals * sigma**2 / c
+        jac = torch.einsum("kmd,kd,ked->kme", self.projected, gain, fit.evecs)  # (K, M, D)
+        m = self.matrix.shape[0]
+        cov = torch.eye(m, dtype=x.dtype) + torch.einsum("kmd,kd,kld->kml", self.projected, shrunk, self.projected)
+        return jac[k], cov[k]
