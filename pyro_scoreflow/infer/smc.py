@@ -62,6 +62,17 @@ the particles are resampled once more, so ``get_samples()`` are equally weighted
 
 **Twists** (``guidance``):
 
+* ``"mixture"`` (linear-Gaussian observations): the closed-form :math:`p_t(y \mid x_t)` of a Gaussian-mixture
+  surrogate of the prior, fitted by EM to ``twist_draws`` DPM-Solver draws of the prior (BIC picks at most
+  ``twist_components`` components; :mod:`pyro_scoreflow.infer.surrogate`). Exact when the prior is such a mixture;
+  it weighs the modes of a multimodal prior by the right odds, where a Gaussian in Tweedie's mean cannot. It does
+  not differentiate the score model, so it needs no tempering. The particles move with the chain's Gaussian times
+  the twist expanded to second order at the chain's mean (the mixture's gradient, the Gauss-Newton curvature
+  :math:`J^\top C^{-1} J` of the most responsible component, :math:`J = A\,\partial m_k/\partial x`), a Gaussian
+  :math:`q` sampled by Matheron's rule and weighed exactly; with an exact-score 2-component prior (16-D, 3
+  observations at noise 0.1, 4000 particles, 20 seeds) the ESS at the end is 3281 of 4000 (2506 with the
+  first-order shift of the other twists) and no resampling is needed.
+
 * ``"pigdm"`` (linear-Gaussian observations, read from the model as for
   :class:`~pyro_scoreflow.infer.DiffusionPosterior`): in whitened coordinates (:math:`\Sigma_y = I`)
   the variance-inflated Gaussian of ΠGDM (Song et al. 2023),
@@ -79,9 +90,11 @@ the particles are resampled once more, so ``get_samples()`` are equally weighted
   whose weights collapse when the observation noise is small (measured in ``docs/posterior.md``).
 * ``"none"``: no twist and no guidance, the bootstrap filter (importance sampling of the chain by the
   likelihood), a baseline.
-* ``"auto"``: ``"pigdm"`` if the observations are linear-Gaussian, else ``"dps"``.
+* ``"auto"``: ``"mixture"`` if the observations are linear-Gaussian and the prior has at most
+  ``MIXTURE_MAX_DIM`` = 256 coordinates (its cost is :math:`O(K N D^2)` per step), ``"pigdm"`` for larger
+  linear-Gaussian problems, else ``"dps"``.
 
-**Tempering** (``temper`` :math:`\rho`, default 0.01): both twists are raised to the power
+**Tempering** (``temper`` :math:`\rho`, default 0.01): the ΠGDM and DPS twists are raised to the power
 :math:`\gamma_t = \alpha_t^2 d^2/(\alpha_t^2 d^2 + \rho\,\sigma_t^2)`, which is 1 once the signal dominates and
 vanishes at :math:`T`. A learned score's error :math:`\delta s` reaches :math:`\hat x_0` multiplied by
 :math:`\sigma_t^2/\alpha_t` (about 150 at :math:`T` for the default VP SDE), and the twist is quadratic in
@@ -97,7 +110,10 @@ trust region on the proposal shift (``guidance_clip``) and ``clip_denoised`` (th
 :math:`\hat x_0`) keep the method exact; the chain itself always uses the unclamped score.
 
 **Cost.** ``num_steps`` score evaluations per particle, each with one vector-Jacobian product through the
-score model (for ``"dps"`` also a trace of the model), plus one likelihood evaluation at the end.
+score model for ``"pigdm"`` and ``"dps"`` (for ``"dps"`` also a trace of the model), plus one likelihood
+evaluation at the end. ``"mixture"`` has no vector-Jacobian product but fits the surrogate first (4096 prior
+draws at 20 score evaluations each, then EM: 0.7 s in 16-D, a few seconds in 64-D) and pays
+:math:`O(K N D^2 + N M^2 D)` per step.
 
 References:
 
@@ -235,13 +251,16 @@ class DiffusionSMC(ModelSampler):
 
     :param callable model: a Pyro model.
     :param int num_particles: number of particles :math:`N` (and of returned samples).
-    :param str guidance: ``"auto"``, ``"pigdm"``, ``"dps"`` or ``"none"`` (the twist, see above).
+    :param str guidance: ``"auto"``, ``"mixture"``, ``"pigdm"``, ``"dps"``, ``"dps-plain"`` or ``"none"`` (the
+        twist, see above).
     :param int num_steps: steps :math:`K` of the discretised prior (default 200).
     :param float ess_threshold: resample when ESS :math:`< N\cdot` ``ess_threshold``, in (0, 1]
         (1 resamples at every step).
     :param str site: the ``ScoreSDEPrior`` site; the only one when ``None``.
     :param int batch_size: particles per score/VJP evaluation (bounds memory); all at once when ``None``.
     :param int twist_probes: ``"dps"``: probes :math:`M` per particle of the smoothed likelihood (default 16).
+    :param int twist_components: ``"mixture"``: the most components of the surrogate (default 4).
+    :param int twist_draws: ``"mixture"``: prior draws the surrogate is fitted to (default 4096).
     :param int order: 2 (default): the second-order multistep chain of the module docstring; 1: the first-order
         ancestral (DDPM) step, for comparisons.
     :param data_std: :math:`d` in :math:`r_t^2` and :math:`\gamma_t`; ``"auto"`` (default)
@@ -259,7 +278,8 @@ class DiffusionSMC(ModelSampler):
     Attributes after :meth:`run`: ``log_evidence`` (float), ``ess`` (list of ``num_steps + 1`` floats: after
     the initial weighting at :math:`T` and after each step, before any resampling), ``resampled`` (the steps
     after which the particles were resampled), ``nfe`` (score evaluations per particle), ``method`` (the
-    twist that ran), ``wall_time`` (seconds).
+    twist that ran), ``surrogate`` (the fitted :class:`~pyro_scoreflow.infer.surrogate.GaussianMixtureFit` of
+    ``"mixture"``, else ``None``), ``wall_time`` (seconds).
     """
 
     def __init__(
