@@ -73,6 +73,7 @@ API_MODULES = [
     ("pyro_scoreflow.options", "Solver options"),
     ("pyro_scoreflow.infer", "Inference: posterior sampling"),
     ("pyro_scoreflow.infer.smc", "Twisted sequential Monte Carlo"),
+    ("pyro_scoreflow.infer.surrogate", "The mixture-surrogate twist of DiffusionSMC"),
     ("pyro_scoreflow.infer.reparam", "Latent-space reparameterization"),
     ("pyro_scoreflow.training", "Training"),
     ("pyro_scoreflow.losses", "Losses: denoising score matching"),
