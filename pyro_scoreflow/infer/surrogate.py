@@ -77,7 +77,7 @@ def _log_gauss(x: torch.Tensor, locs: torch.Tensor, evals: torch.Tensor, evecs: 
 def _em(x: torch.Tensor, k: int, ridge: float, iterations: int, tol: float, generator: torch.Generator):
     n, d = x.shape
     # k-means++ seeding
-    centres = [x[torch.randint(n, (1,), generator=generator)].squeeze(0)]
+    centres = [x[torch.randint(n, (1,), generator=generator, device=x.device)].squeeze(0)]
     for _ in range(1, k):
         dist2 = torch.stack([(x - c).pow(2).sum(-1) for c in centres]).min(0).values
         centres.append(x[torch.multinomial(dist2 / dist2.sum(), 1, generator=generator)].squeeze(0))
@@ -162,8 +162,7 @@ class MixtureTwist:
         shrunk = fit.evals * sigma**2 / c  # (K, D): eigenvalues of S_k
         predicted = self.projected_locs + torch.einsum("kmd,nkd->nkm", self.projected, gain * z)  # A m_k, (N, K, M)
         m = self.matrix.shape[0]
-        cov = torch.eye(m, dtype=x.dtype) + torch.einsum("kmd,kd,kld->kml", self.projected, shrunk, self.projected)
-        chol = torch.linalg.cholesky(cov)  # (K, M, M)
+        chol = torch.linalg.cholesky(self._predictive_covariance(shrunk))  # (K, M, M)
         resid = (self.target - predicted).permute(1, 2, 0)  # (K, M, N)
         white = torch.linalg.solve_triangular(chol, resid, upper=False)  # (K, M, N)
         log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
@@ -185,6 +184,9 @@ class MixtureTwist:
         gain = alpha * fit.evals / c
         shrunk = fit.evals * sigma**2 / c
         jac = torch.einsum("kmd,kd,ked->kme", self.projected, gain, fit.evecs)  # (K, M, D)
-        m = self.matrix.shape[0]
-        cov = torch.eye(m, dtype=x.dtype) + torch.einsum("kmd,kd,kld->kml", self.projected, shrunk, self.projected)
-        return jac[k], cov[k]
+        return jac[k], self._predictive_covariance(shrunk)[k]
+
+    def _predictive_covariance(self, shrunk: torch.Tensor) -> torch.Tensor:
+        r""":math:`I + A S_k A^\top = I + B_k \operatorname{diag}(s_k) B_k^\top` per component ``(K, M, M)``."""
+        eye = torch.eye(self.matrix.shape[0], dtype=shrunk.dtype, device=shrunk.device)
+        return eye + torch.einsum("kmd,kd,kld->kml", self.projected, shrunk, self.projected)
