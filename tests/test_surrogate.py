@@ -72,6 +72,10 @@ def test_fit_recovers_a_mixture_and_chooses_its_size():
     assert fit_gaussian_mixture(gaussian).num_components == 1
 
 
-def test_fit_rejects_too_few_draws():
+def test_fit_rejects_bad_draws_and_fits_few_draws():
     with pytest.raises(ValueError, match="at least 2 draws"):
         fit_gaussian_mixture(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="1 of 3 draws are not finite"):
+        fit_gaussian_mixture(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 2.0]]))
+    few = fit_gaussian_mixture(torch.randn(5, 8, dtype=F64))  # fewer draws than dimensions: one ridged component
+    assert few.num_components == 1 and torch.isfinite(few.evals).all() and bool((few.evals > 0).all())

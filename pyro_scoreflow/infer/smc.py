@@ -374,6 +374,11 @@ class DiffusionSMC(ModelSampler):
             prior = likelihood.prior.with_options(sampler="dpm-solver", num_steps=20)
             with torch.no_grad():
                 draws = prior.sample((self.twist_draws,))
+            if not torch.isfinite(draws).all():
+                raise SolverError(
+                    "guidance='mixture': the prior's draws for the surrogate are not finite (the score model "
+                    "diverges?); use guidance='pigdm'"
+                )
             self.surrogate = fit_gaussian_mixture(draws, max_components=self.twist_components)
             return MixtureTwist(self.surrogate, observation), "mixture"
         return _PiGDMTwist(observation, self.data_std_used), "pigdm"

@@ -118,11 +118,13 @@ def fit_gaussian_mixture(
     n, d = x.shape
     if n < 2:
         raise ValueError(f"fit_gaussian_mixture needs at least 2 draws, got {n}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"fit_gaussian_mixture: {int((~torch.isfinite(x)).any(-1).sum())} of {n} draws are not finite")
     generator = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
     ridge = 1e-3 * float(x.var(0).mean()) + 1e-12
     best: GaussianMixtureFit | None = None
     for k in range(1, max_components + 1):
-        if k * (d + 1) > n:
+        if k > 1 and k * (d + 1) > n:  # too few draws per component; one component always fits (the ridge)
             break
         fit = max((_em(x, k, ridge, iterations, tol, generator) for _ in range(restarts if k > 1 else 1)),
                   key=lambda r: r[-1])  # fmt: skip
