@@ -441,12 +441,17 @@ class DiffusionSMC(ModelSampler):
         alpha, sigma = sde.marginal(t_next)
         with torch.enable_grad():
             mg = mean.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(twist(mg, alpha, sigma).sum(), mg)
-        jac, cov = twist.curvature(mean, alpha, sigma)  # (N, M, D), (N, M, M)
+            log_twist, k = twist.evaluate(mg, alpha, sigma)
+            (g,) = torch.autograd.grad(log_twist.sum(), mg)
+        jac_k, cov_k = twist.curvature(alpha, sigma)  # per component: (K, M, D), (K, M, M)
         t2 = tau**2
-        inner = cov + t2 * jac @ jac.transpose(-1, -2)  # C + tau^2 J J^T
-        chol_inner = torch.linalg.cholesky(inner)
-        chol_c = torch.linalg.cholesky(cov)
+        chol_inner_k = torch.linalg.cholesky(cov_k + t2 * jac_k @ jac_k.transpose(-1, -2))  # C + tau^2 J J^T
+        chol_c_k = torch.linalg.cholesky(cov_k)
+        logdet_ratio_k = 2 * (  # log|Sigma_p| - log|Sigma_q| = log|C + tau^2 J J^T| - log|C|
+            torch.log(torch.diagonal(chol_inner_k, dim1=-2, dim2=-1)).sum(-1)
+            - torch.log(torch.diagonal(chol_c_k, dim1=-2, dim2=-1)).sum(-1)
+        )
+        jac, chol_inner, chol_c, logdet_ratio = jac_k[k], chol_inner_k[k], chol_c_k[k], logdet_ratio_k[k]
 
         def sigma_q(v):  # Sigma_q v = tau^2 v - tau^4 J^T inner^{-1} J v
             jv = jac @ v.unsqueeze(-1)
@@ -454,16 +459,12 @@ class DiffusionSMC(ModelSampler):
 
         mu_q = mean + sigma_q(g)
         eps = tau * noise  # Matheron: eps ~ N(0, tau^2 I), eta ~ N(0, C)
-        eta = chol_c @ torch.randn(cov.shape[:-1] + (1,), dtype=cov.dtype, device=cov.device)
+        eta = chol_c @ torch.randn(chol_c.shape[:-1] + (1,), dtype=chol_c.dtype, device=chol_c.device)
         corr = jac.transpose(-1, -2) @ torch.cholesky_solve(jac @ eps.unsqueeze(-1) + eta, chol_inner)
         x_next = (mu_q + eps - t2 * corr.squeeze(-1)).to(dtype)  # the densities below at the rounded x'
         d_q = x_next.double() - mu_q
         jd = jac @ d_q.unsqueeze(-1)
         quad_q = (d_q**2).sum(-1) / t2 + (jd * torch.cholesky_solve(jd, chol_c)).sum((-1, -2))
-        logdet_ratio = 2 * (
-            torch.log(torch.diagonal(chol_inner, dim1=-2, dim2=-1)).sum(-1)
-            - torch.log(torch.diagonal(chol_c, dim1=-2, dim2=-1)).sum(-1)
-        )  # log|Sigma_p|/|Sigma_q|
         log_q = -0.5 * quad_q + 0.5 * logdet_ratio
         log_p = -0.5 * ((x_next.double() - mean) ** 2).sum(-1) / t2
         return x_next, log_p - log_q

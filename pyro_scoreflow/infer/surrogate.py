@@ -154,6 +154,11 @@ class MixtureTwist:
 
     def __call__(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``(N,)`` log twist at rows of ``x`` ``(N, D)`` (float64)."""
+        return self.evaluate(x, alpha, sigma)[0]
+
+    def evaluate(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        r"""The ``(N,)`` log twist at rows of ``x`` ``(N, D)`` (float64, differentiable) and each row's most
+        responsible component ``(N,)`` (the argmax of :math:`\pi_k(x)`)."""
         fit = self.fit
         x = x.reshape(x.shape[0], -1).double()
         alpha, sigma = alpha.double(), sigma.double()
@@ -169,24 +174,19 @@ class MixtureTwist:
         white = torch.linalg.solve_triangular(chol, resid, upper=False)  # (K, M, N)
         log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
         log_obs = -0.5 * (white**2).sum(1).T - log_det - 0.5 * m * math.log(2 * math.pi)  # (N, K)
-        return (log_pi + log_obs).logsumexp(-1) - log_pi.logsumexp(-1)
+        return (log_pi + log_obs).logsumexp(-1) - log_pi.logsumexp(-1), log_pi.detach().argmax(-1)
 
-    def curvature(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
-        r"""Gauss-Newton pieces of :math:`-\log\tilde p_t(y \mid x)` at rows of ``x``, from each row's most
-        responsible component :math:`k`: :math:`J = A\,\partial m_k/\partial x = B_k \operatorname{diag}(g_k)
-        U_k^\top` ``(N, M, D)`` and :math:`C = I + A S_k A^\top` ``(N, M, M)``; the Hessian is about
-        :math:`J^\top C^{-1} J`."""
+    def curvature(self, alpha: torch.Tensor, sigma: torch.Tensor):
+        r"""Gauss-Newton pieces of :math:`-\log\tilde p_t(y \mid x)` per component :math:`k` (they do not depend
+        on :math:`x`): :math:`J_k = A\,\partial m_k/\partial x = B_k \operatorname{diag}(g_k) U_k^\top`
+        ``(K, M, D)`` and :math:`C_k = I + A S_k A^\top` ``(K, M, M)``; near component :math:`k` the Hessian is
+        about :math:`J_k^\top C_k^{-1} J_k`."""
         fit = self.fit
-        x = x.reshape(x.shape[0], -1).double()
         alpha, sigma = alpha.double(), sigma.double()
         c = alpha**2 * fit.evals + sigma**2
-        z = torch.einsum("nd,kde->nke", x, fit.evecs) - alpha * torch.einsum("kd,kde->ke", fit.locs, fit.evecs)
-        log_pi = fit.logits - 0.5 * ((z**2 / c).sum(-1) + c.log().sum(-1))
-        k = log_pi.argmax(-1)  # (N,)
         gain = alpha * fit.evals / c
-        shrunk = fit.evals * sigma**2 / c
-        jac = torch.einsum("kmd,kd,ked->kme", self.projected, gain, fit.evecs)  # (K, M, D)
-        return jac[k], self._predictive_covariance(shrunk)[k]
+        jac = torch.einsum("kmd,kd,ked->kme", self.projected, gain, fit.evecs)
+        return jac, self._predictive_covariance(fit.evals * sigma**2 / c)
 
     def _predictive_covariance(self, shrunk: torch.Tensor) -> torch.Tensor:
         r""":math:`I + A S_k A^\top = I + B_k \operatorname{diag}(s_k) B_k^\top` per component ``(K, M, M)``."""
